@@ -1,0 +1,95 @@
+"""LoRA adapters through PEFT: inject, collect trainable parameters, save in diffusers format."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+from diffusers.training_utils import cast_training_params
+from diffusers.utils import convert_state_dict_to_diffusers
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict
+
+from tuner.errors import TunerError
+
+WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+KOHYA_WEIGHT_NAME = "pytorch_lora_weights_kohya.safetensors"
+
+
+def lora_config(adapter, targets) -> LoraConfig:
+    return LoraConfig(
+        r=adapter.rank,
+        lora_alpha=adapter.lora_alpha,
+        lora_dropout=adapter.dropout,
+        init_lora_weights=True if adapter.init == "default" else adapter.init,
+        target_modules=targets,
+        use_dora=adapter.dora,
+    )
+
+
+def denoiser_targets(adapter, family, denoiser) -> list[str] | str:
+    """Module-name suffixes (default: the family's attention projections) or a full regex."""
+    if adapter.target_regex:
+        try:
+            pattern = re.compile(adapter.target_regex)
+        except re.error as exc:
+            raise TunerError(f"adapter.target_regex: invalid regex ({exc})") from None
+        if not any(pattern.fullmatch(name) for name, _ in denoiser.named_modules()):
+            raise TunerError(f"adapter.target_regex: {adapter.target_regex!r} matches no module "
+                             "of the denoiser; it must match full module names")
+        return adapter.target_regex
+    targets = list(adapter.targets or family.default_targets)
+    names = [name for name, _ in denoiser.named_modules()]
+    for target in targets:
+        if not any(name == target or name.endswith("." + target) for name in names):
+            raise TunerError(f"adapter.targets: {target!r} names no module of the denoiser; "
+                             f"defaults for this family are {list(family.default_targets)}")
+    return targets
+
+
+def inject(comps, adapter, family) -> dict[str, torch.nn.Module]:
+    """Add LoRA to the denoiser (and text encoders if asked). Returns the trained modules by
+    their pipeline component name. LoRA weights are fp32 whatever the base dtype."""
+    trained = {}
+    comps.denoiser.add_adapter(lora_config(adapter, denoiser_targets(adapter, family,
+                                                                     comps.denoiser)))
+    trained[family.denoiser_name] = comps.denoiser
+    if adapter.text_encoder:
+        for name, encoder in comps.text_encoders.items():
+            encoder.add_adapter(lora_config(adapter, list(family.text_encoder_targets)))
+            trained[name] = encoder
+    # Base weights stay frozen in the compute dtype; only LoRA params train, in fp32.
+    for module in trained.values():
+        for pname, param in module.named_parameters():
+            param.requires_grad_("lora_" in pname)
+    cast_training_params(list(trained.values()), dtype=torch.float32)
+    return trained
+
+
+def trainable_parameters(module: torch.nn.Module) -> list[torch.nn.Parameter]:
+    return [p for p in module.parameters() if p.requires_grad]
+
+
+def peft_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """LoRA weights in PEFT naming (what set_peft_model_state_dict reads back)."""
+    return get_peft_model_state_dict(module)
+
+
+def adapter_state(trained: dict[str, torch.nn.Module]) -> dict[str, dict[str, torch.Tensor]]:
+    """Per component, its LoRA weights in diffusers naming."""
+    return {name: convert_state_dict_to_diffusers(get_peft_model_state_dict(module))
+            for name, module in trained.items()}
+
+
+def adapter_metadata(trained: dict[str, torch.nn.Module]) -> dict[str, dict]:
+    # Saved inside the file so that load_lora_weights rebuilds the same rank and alpha.
+    return {name: module.peft_config["default"].to_dict() for name, module in trained.items()}
+
+
+def save_adapter(directory: Path, family, trained, weight_name: str = WEIGHT_NAME) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {name: {k: v.detach().float().cpu() for k, v in sd.items()}
+             for name, sd in adapter_state(trained).items()}
+    family.save_lora(directory, state, adapter_metadata(trained), weight_name)
+    return directory / weight_name

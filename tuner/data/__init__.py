@@ -1,0 +1,1 @@
+"""Data pipeline: sources -> buckets -> transforms -> cache."""

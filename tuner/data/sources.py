@@ -1,0 +1,269 @@
+"""Turn one `data.datasets[i].path` into a list of Records (image + caption), whatever
+the on-disk layout: kohya-style folder with sidecar captions, HF imagefolder with
+metadata.jsonl/.csv, a parquet file, a `save_to_disk` folder, or a Hub dataset name."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from tuner.data.images import IMAGE_EXTS
+from tuner.errors import TunerError
+
+CAPTION_COLUMNS = ("caption", "text", "prompt")
+IMAGE_COLUMNS = ("image", "img")
+_METADATA_FILES = ("metadata.jsonl", "metadata.csv")
+_SAVED_DATASET_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
+_HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+@dataclass
+class Record:
+    """One training example before decoding. `image` is a file path, or encoded image
+    bytes for images embedded in a dataset; `key` identifies it stably across runs."""
+
+    image: str | bytes
+    key: str
+    caption: str | None
+    source: int
+
+
+def list_records(
+    path: str,
+    *,
+    source: int,
+    caption_ext: str = ".txt",
+    caption_column: str | None = None,
+    image_column: str | None = None,
+    split: str = "train",
+) -> list[Record]:
+    """Records for one dataset entry, in a deterministic order. May be empty."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        if any(os.path.exists(os.path.join(path, m)) for m in _SAVED_DATASET_MARKERS):
+            return _from_saved_dataset(path, source, caption_column, image_column, split)
+        for name in _METADATA_FILES:
+            if os.path.isfile(os.path.join(path, name)):
+                return _from_metadata(path, name, source, caption_column, caption_ext)
+        return _from_folder(path, source, caption_ext)
+    if os.path.isfile(path):
+        if path.lower().endswith(".parquet"):
+            return _from_parquet(path, source, caption_column, image_column)
+        raise TunerError(f"{path}: unsupported dataset file; use a folder or a .parquet file")
+    if _HUB_NAME.match(path):
+        return _from_hub(path, source, caption_column, image_column, split)
+    raise TunerError(f"{path}: dataset path not found; check data.datasets[..].path")
+
+
+# --- folders ----------------------------------------------------------------------
+
+
+def _from_folder(root: str, source: int, caption_ext: str) -> list[Record]:
+    records = []
+    for image_path in _walk_images(root):
+        caption = _read_sidecar(image_path, caption_ext)
+        records.append(Record(image=image_path, key=image_path, caption=caption, source=source))
+    return records
+
+
+def _walk_images(root: str) -> list[str]:
+    """Image files under root, recursively, sorted by relative path. Hidden files and
+    folders are skipped (macOS '._x.jpg' forks, .ipynb_checkpoints, .cache...)."""
+    root = os.path.abspath(root)
+    found = []
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        for name in files:
+            if not name.startswith(".") and name.lower().endswith(IMAGE_EXTS):
+                found.append(os.path.join(folder, name))
+    # Sort on '/'-joined relative parts so order doesn't depend on os.walk or OS.
+    return sorted(found, key=lambda p: os.path.relpath(p, root).split(os.sep))
+
+
+def _read_sidecar(image_path: str, caption_ext: str) -> str | None:
+    ext = caption_ext if caption_ext.startswith(".") else "." + caption_ext
+    sidecar = os.path.splitext(image_path)[0] + ext
+    if not os.path.isfile(sidecar):
+        return None
+    with open(sidecar, encoding="utf-8", errors="replace") as f:
+        # Windows editors often prepend a BOM, which would end up in the prompt.
+        return f.read().lstrip("\ufeff").strip()
+
+
+def _from_metadata(
+    root: str, name: str, source: int, caption_column: str | None, caption_ext: str
+) -> list[Record]:
+    """HF imagefolder layout: rows name `file_name` (relative to root) plus a caption."""
+    meta_path = os.path.join(root, name)
+    rows = _read_jsonl(meta_path) if name.endswith(".jsonl") else _read_csv(meta_path)
+    columns = sorted({c for row in rows for c in row})
+    if rows and "file_name" not in columns:
+        raise TunerError(f"{meta_path}: no 'file_name' column (columns: {', '.join(columns)})")
+    caption_col = _caption_column(columns, caption_column, meta_path) if rows else None
+    root = os.path.abspath(root)
+    records = []
+    for row in rows:
+        image_path = os.path.normpath(os.path.join(root, str(row["file_name"])))
+        caption = _as_caption(row.get(caption_col)) if caption_col else None
+        if caption is None:
+            # Rows without a caption fall back to a sidecar file, if any.
+            caption = _read_sidecar(image_path, caption_ext)
+        records.append(Record(image=image_path, key=image_path, caption=caption, source=source))
+    # A missing image file is kept; load_image reports it as a BadImage like any other.
+    return records
+
+
+def _read_jsonl(path: str) -> list[dict[str, Any]]:
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise TunerError(f"{path}:{number}: invalid JSON ({e.msg}); fix that line") from e
+    return rows
+
+
+def _read_csv(path: str) -> list[dict[str, Any]]:
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+# --- Hugging Face datasets -----------------------------------------------------------
+
+
+def _from_parquet(
+    path: str, source: int, caption_column: str | None, image_column: str | None
+) -> list[Record]:
+    import datasets
+
+    ds = datasets.load_dataset("parquet", data_files=[os.path.abspath(path)], split="train")
+    return _from_hf(ds, path, source, caption_column, image_column)
+
+
+def _from_saved_dataset(
+    path: str, source: int, caption_column: str | None, image_column: str | None, split: str
+) -> list[Record]:
+    import datasets
+
+    ds = datasets.load_from_disk(path)
+    if isinstance(ds, datasets.DatasetDict):
+        if split not in ds:
+            raise TunerError(
+                f"{path}: no split '{split}' (splits: {', '.join(ds)}); set data.datasets[..].split"
+            )
+        ds = ds[split]
+    return _from_hf(ds, path, source, caption_column, image_column)
+
+
+def _from_hub(
+    name: str, source: int, caption_column: str | None, image_column: str | None, split: str
+) -> list[Record]:
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(name, split=split)
+    except Exception as e:  # network, auth, missing split: all surface the same way
+        raise TunerError(
+            f"{name}: not a local path, and loading it from the Hugging Face Hub failed "
+            f"({type(e).__name__}: {e}); check data.datasets[..].path"
+        ) from e
+    return _from_hf(ds, name, source, caption_column, image_column)
+
+
+def _from_hf(
+    ds: Any, name: str, source: int, caption_column: str | None, image_column: str | None
+) -> list[Record]:
+    import datasets
+
+    columns = list(ds.column_names)
+    image_col = _image_column(ds.features, image_column, name)
+    caption_col = _caption_column(columns, caption_column, name)
+    ds = ds.select_columns([c for c in (image_col, caption_col) if c])
+    if isinstance(ds.features[image_col], datasets.Image):
+        # Skip decoding: we only want the encoded bytes (or path) for the Record.
+        ds = ds.cast_column(image_col, datasets.Image(decode=False))
+
+    records = []
+    for row_index, row in enumerate(ds):
+        image = _image_value(row[image_col], f"{name} row {row_index}")
+        caption = _as_caption(row[caption_col]) if caption_col else None
+        key = f"{name}:{row_index}"
+        records.append(Record(image=image, key=key, caption=caption, source=source))
+    return records
+
+
+def _image_column(features: Any, requested: str | None, name: str) -> str:
+    import datasets
+
+    columns = list(features)
+    if requested is not None:
+        if requested not in columns:
+            raise TunerError(
+                f"{name}: no image column '{requested}' (columns: {', '.join(columns)}); "
+                "fix data.datasets[..].image_column"
+            )
+        return requested
+    typed = [c for c in columns if isinstance(features[c], datasets.Image)]
+    named = [c for c in columns if c.lower() in IMAGE_COLUMNS]
+    if typed or named:
+        return (typed or named)[0]
+    raise TunerError(
+        f"{name}: cannot find an image column (columns: {', '.join(columns)}); "
+        "set data.datasets[..].image_column"
+    )
+
+
+def _caption_column(columns: list[str], requested: str | None, name: str) -> str | None:
+    """The requested column (must exist), else the first of CAPTION_COLUMNS present,
+    else None: a dataset without captions is allowed (e.g. DreamBooth with a prefix)."""
+    if requested is not None:
+        if requested not in columns:
+            raise TunerError(
+                f"{name}: no caption column '{requested}' (columns: {', '.join(columns)}); "
+                "fix data.datasets[..].caption_column"
+            )
+        return requested
+    lowered = {c.lower(): c for c in columns}
+    for candidate in CAPTION_COLUMNS:
+        if candidate in lowered:
+            return lowered[candidate]
+    return None
+
+
+def _image_value(value: Any, where: str) -> str | bytes:
+    """Normalize an HF image cell to bytes or an existing path."""
+    if isinstance(value, dict):
+        data, path = value.get("bytes"), value.get("path")
+        if data:
+            return bytes(data)
+        if path and os.path.isfile(path):
+            return os.path.abspath(path)
+        raise TunerError(f"{where}: image cell has no bytes and no readable path ({path!r})")
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value)
+    if isinstance(value, str) and os.path.isfile(value):
+        return os.path.abspath(value)
+    if hasattr(value, "save"):  # a decoded PIL image
+        buffer = io.BytesIO()
+        value.save(buffer, format="PNG")
+        return buffer.getvalue()
+    raise TunerError(f"{where}: unsupported image value of type {type(value).__name__}")
+
+
+def _as_caption(value: Any) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, (list, tuple)):
+        # Some datasets store several captions per image; use the first non-empty one.
+        value = next((v for v in value if isinstance(v, str) and v.strip()), None)
+        if value is None:
+            return None
+    return str(value).strip()

@@ -1,0 +1,29 @@
+"""Optimizers and learning-rate schedules."""
+
+from __future__ import annotations
+
+import torch
+from diffusers.optimization import get_scheduler
+
+from tuner.errors import TunerError
+
+
+def build_optimizer(groups: list[dict], train, device: torch.device):
+    kwargs = {"betas": tuple(train.betas), "eps": train.eps, "weight_decay": train.weight_decay}
+    if train.optimizer == "adamw":
+        # The fused kernel is one launch per step instead of one per tensor on CUDA.
+        return torch.optim.AdamW(groups, lr=train.lr, fused=device.type == "cuda", **kwargs)
+    if train.optimizer == "adamw8bit":
+        try:
+            import bitsandbytes as bnb
+        except Exception as exc:  # ImportError, or a broken CUDA setup raising at import
+            raise TunerError(f"train.optimizer: adamw8bit needs bitsandbytes, which failed to "
+                             f"load ({type(exc).__name__}: {str(exc).splitlines()[0][:120]}); "
+                             "pip install bitsandbytes, or use train.optimizer=adamw") from None
+        return bnb.optim.AdamW8bit(groups, lr=train.lr, **kwargs)
+    raise TunerError(f"train.optimizer: unknown optimizer {train.optimizer!r}")
+
+
+def build_scheduler(optimizer, train):
+    return get_scheduler(train.lr_scheduler, optimizer, num_warmup_steps=train.warmup_steps,
+                         num_training_steps=train.steps)

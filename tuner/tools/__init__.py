@@ -1,0 +1,1 @@
+"""Command-line tools beyond training: sampling, grids, export, merge, evaluation."""
