@@ -85,10 +85,31 @@ def build_tiny_sd(version: str) -> dict:
     }
 
 
-# name -> (family, builder). Other families register their tiny models here too.
+def _lazy(module: str, function: str, *args):
+    """A builder living in a family module, imported only when that builtin is used."""
+
+    def build() -> dict:
+        import importlib
+
+        return getattr(importlib.import_module(module), function)(*args)
+
+    return build
+
+
+# name -> (family, builder returning the pipeline's modules as keyword arguments).
+# tiny-*: toy-size, for tests. arch-*: the real architecture at full size, random init, for
+# speed and memory benchmarks (same FLOPs and bytes as the released weights).
 BUILTINS = {
     "tiny-sd15": ("sd15", lambda: build_tiny_sd("sd15")),
     "tiny-sd2": ("sd2", lambda: build_tiny_sd("sd2")),
+    "arch-sd15": ("sd15", _lazy("tuner.families.arch", "build_arch_sd15")),
+    "tiny-sdxl": ("sdxl", _lazy("tuner.families.sdxl", "build_tiny_sdxl")),
+    "arch-sdxl": ("sdxl", _lazy("tuner.families.sdxl", "build_arch_sdxl")),
+    "tiny-sd3": ("sd3", _lazy("tuner.families.sd3", "build_tiny_sd3")),
+    "arch-sd35": ("sd3", _lazy("tuner.families.sd3", "build_arch_sd35")),
+    "tiny-flux": ("flux", _lazy("tuner.families.flux", "build_tiny_flux")),
+    "arch-flux-dev": ("flux", _lazy("tuner.families.flux", "build_arch_flux", "dev")),
+    "toy": ("sd15", _lazy("tuner.toy.base", "load_toy_modules")),
 }
 
 
