@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from diffusers.training_utils import cast_training_params
 from diffusers.utils import convert_state_dict_to_diffusers
-from peft import LoraConfig
+from peft import LoraConfig, inject_adapter_in_model
 from peft.utils import get_peft_model_state_dict
 
 from tuner.errors import TunerError
@@ -57,7 +57,10 @@ def inject(comps, adapter, family) -> dict[str, torch.nn.Module]:
     trained[family.denoiser_name] = comps.denoiser
     if adapter.text_encoder:
         for name, encoder in comps.text_encoders.items():
-            encoder.add_adapter(lora_config(adapter, list(family.text_encoder_targets)))
+            # peft directly, not transformers' add_adapter: that one demands a newer peft
+            # than some transformers/peft pairings on PyPI provide.
+            inject_adapter_in_model(lora_config(adapter, list(family.text_encoder_targets)),
+                                    encoder, adapter_name="default")
             trained[name] = encoder
     # Base weights stay frozen in the compute dtype; only LoRA params train, in fp32.
     for module in trained.values():

@@ -31,6 +31,7 @@ class ModelSection(Section):
     config: str | None = None  # diffusers folder/hub id whose configs a single file uses
     prediction_type: Literal["epsilon", "v_prediction"] | None = None
     quantize: Literal["none", "nf4", "int8"] = "none"
+    drop_t5: bool = False  # sd3: leave T5-XXL out (zeros in its place), as diffusers allows
     allow_pickle: bool = False
 
     @field_validator("family")

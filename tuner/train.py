@@ -10,6 +10,7 @@ import logging
 import math
 import signal
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -35,8 +36,21 @@ log = logging.getLogger("tuner")
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
+@dataclass
+class TrainingResult:
+    output_dir: Path
+    family: object
+    comps: object  # the trained in-memory model (tests compare it with the saved files)
+    trained: dict
+    steps: int
+
+
 def train(recipe: Recipe) -> Path:
     """Train the recipe's adapter; returns the output directory."""
+    return run_training(recipe).output_dir
+
+
+def run_training(recipe: Recipe) -> TrainingResult:
     output_dir = Path(recipe.output.dir)
     resume_from = checkpoint.resolve_resume(recipe.train.resume, output_dir)
     accelerator = Accelerator(
@@ -60,6 +74,7 @@ def train(recipe: Recipe) -> Path:
     family = families.for_model(recipe.model)
     dtype = DTYPES[recipe.train.mixed_precision]
     comps = family.load(recipe.model, dtype)
+    family.configure(comps, recipe)
     for module in [comps.denoiser, *comps.frozen_modules().values()]:
         module.requires_grad_(False)
     device = accelerator.device
@@ -74,7 +89,8 @@ def train(recipe: Recipe) -> Path:
                  len(report.skipped))
     place_frozen_modules(comps, plan, recipe, device)
 
-    # 4. Adapters, optimizer, schedule.
+    # 4. Adapters, optimizer, schedule. Re-seed: LoRA init must not depend on cache hits.
+    set_seed(recipe.train.seed)
     trained = adapters.inject(comps, recipe.adapter, family)
     if recipe.train.gradient_checkpointing:
         comps.denoiser.enable_gradient_checkpointing()
@@ -112,7 +128,7 @@ def train(recipe: Recipe) -> Path:
         finish_outputs(recipe, output_dir, family, comps, trained, accelerator, state["step"],
                        report)
     accelerator.end_training()
-    return output_dir
+    return TrainingResult(output_dir, family, comps, trained, state["step"])
 
 
 def cache_plan(recipe: Recipe, comps) -> CachePlan:

@@ -125,7 +125,10 @@ def _cache_latents(items, data, plan, family, comps, device, batch_size, stats) 
         for start in range(0, len(keys), batch_size):
             chunk = keys[start:start + batch_size]
             prepared = [prepare_image(todo[k][0], plan.crop, todo[k][1], None) for k in chunk]
-            latents = family.encode_images(comps, torch.stack([p[0] for p in prepared]).to(device))
+            pixels = torch.stack([p[0] for p in prepared]).to(device)
+            # Seeded by the first entry's key, so a cached latent never depends on run order.
+            generator = torch.Generator(device).manual_seed(int(chunk[0][:12], 16))
+            latents = family.encode_images(comps, pixels, generator)
             for key, (_, crop_top_left, original_size), latent in zip(chunk, prepared, latents):
                 plan.latents.save(key, {"latents": latent.float(),
                                         "crop_top_left": torch.tensor(crop_top_left),

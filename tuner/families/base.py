@@ -57,6 +57,11 @@ class Family:
                    "scheduler": comps.scheduler, **comps.text_encoders, **comps.tokenizers}
         return self.pipeline_class(**modules, **self.pipeline_extras())
 
+    def configure(self, comps: Components, recipe) -> None:
+        """Apply recipe settings beyond `model` that change encoding (e.g. a text sequence
+        length, which must then be part of comps.identity) or that the family cannot support.
+        Called once right after load, before anything is cached."""
+
     def pipeline_extras(self) -> dict:
         return {}
 
@@ -78,10 +83,12 @@ class Family:
     def encode_prompts(self, comps: Components, prompts: list[str]) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
-    def encode_images(self, comps: Components, pixels: torch.Tensor) -> torch.Tensor:
+    def encode_images(self, comps: Components, pixels: torch.Tensor,
+                      generator: torch.Generator | None = None) -> torch.Tensor:
         """pixels in [-1, 1], NCHW -> scaled latents ready for the denoiser."""
         vae = comps.vae
-        latents = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.sample()
+        posterior = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
+        latents = posterior.sample(generator=generator)
         shift = getattr(vae.config, "shift_factor", None) or 0.0
         return (latents - shift) * vae.config.scaling_factor
 

@@ -102,13 +102,14 @@ def _family_from_hub(repo: str) -> str:
     return "sd2" if "2" in repo.split("/")[-1].split("-")[-1][:1] else "sd15"
 
 
-def load_pipeline_modules(family, model, dtype: torch.dtype):
-    """Load a diffusers pipeline for `family` from any supported source."""
+def load_pipeline_modules(family, model, dtype: torch.dtype, components: dict | None = None):
+    """Load a diffusers pipeline for `family` from any supported source. `components` replace
+    pipeline modules: a ready-made module, or None to leave one out (SD3 without T5)."""
     kind = source_kind(model.path)
-    extras = family.pipeline_extras()
+    extras = {**family.pipeline_extras(), **(components or {})}
     if kind == "builtin":
         modules = BUILTINS[builtin_name(model.path)][1]()
-        return family.pipeline_class(**modules, **extras).to(dtype=dtype)
+        return family.pipeline_class(**{**modules, **extras}).to(dtype=dtype)
     if kind == "file":
         return _from_single_file(family, model, dtype, extras)
     try:

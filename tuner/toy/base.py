@@ -253,6 +253,8 @@ def grid(images, columns=8):
 
 
 def train(args) -> None:
+    if args.device.startswith("cuda"):
+        torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick conv kernels
     vae, text_encoder, tokenizer, unet, scheduler = build_components(args.seed)
     for name, m in (("vae", vae), ("text_encoder", text_encoder), ("unet", unet)):
         print(f"{name}: {sum(p.numel() for p in m.parameters()) / 1e6:.2f}M parameters")

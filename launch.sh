@@ -1,0 +1,101 @@
+#!/usr/bin/env bash
+# tuner launcher.
+#   ./launch.sh RECIPE [section.key=value ...]     train (accelerate launch, one process per GPU)
+#   ./launch.sh --num-processes N [--config-file F] RECIPE [overrides]
+#   ./launch.sh test [pytest args]                  lint + the whole test suite
+#   ./launch.sh tuner ARGS...                       any tuner command (sample, grid, export, ...)
+# On first use it creates .venv next to this file when `tuner` is not importable.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+VENV="$ROOT/.venv"
+cd "$ROOT"
+
+say() { printf '[launch] %s\n' "$*" >&2; }
+
+has_gpu() { command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; }
+
+install_torch() {
+  local py="$1"
+  if "$py" -c "import torch" 2>/dev/null; then return; fi
+  if has_gpu; then
+    say "NVIDIA GPU found: installing the CUDA build of torch"
+    "$py" -m pip install "torch>=2.4"
+  else
+    # No GPU: the CPU build is ~10x smaller. The pinned release is what offline mirrors carry.
+    say "no GPU: installing a CPU build of torch"
+    "$py" -m pip install --timeout 15 --retries 0 torch \
+        --index-url https://download.pytorch.org/whl/cpu 2>/dev/null \
+      || "$py" -m pip install "torch==2.13.0"
+  fi
+}
+
+ensure_env() {
+  local extra="$1"
+  local py="python3"
+  if [ -x "$VENV/bin/python" ]; then py="$VENV/bin/python"; fi
+  if "$py" -c "import tuner, sys; sys.exit(0 if tuner.__file__.startswith('$ROOT') else 1)" \
+      2>/dev/null && { [ -z "$extra" ] || "$py" -c "import pytest, ruff, wandb" 2>/dev/null; }; then
+    PY="$py"; return
+  fi
+  if [ ! -x "$VENV/bin/python" ]; then
+    say "creating $VENV"
+    python3 -m venv "$VENV"
+    "$VENV/bin/python" -m pip install -q --upgrade pip
+  fi
+  PY="$VENV/bin/python"
+  install_torch "$PY"
+  say "installing tuner${extra:+ with [$extra]}"
+  "$PY" -m pip install -q -e "$ROOT${extra:+[$extra]}"
+}
+
+gpu_count() {
+  "$PY" -c "import torch; print(max(torch.cuda.device_count(), 1))"
+}
+
+if [ "${1:-}" = "test" ]; then
+  shift
+  ensure_env test
+  say "ruff check"
+  "$PY" -m ruff check "$ROOT"
+  say "pytest"
+  exec "$PY" -m pytest "$@"
+fi
+
+if [ "${1:-}" = "tuner" ]; then
+  shift
+  ensure_env ""
+  exec "$PY" -m tuner "$@"
+fi
+
+NUM_PROCESSES=""
+CONFIG_FILE=""
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --num-processes) NUM_PROCESSES="$2"; shift 2 ;;
+    --num-processes=*) NUM_PROCESSES="${1#*=}"; shift ;;
+    --config-file) CONFIG_FILE="$2"; shift 2 ;;
+    --config-file=*) CONFIG_FILE="${1#*=}"; shift ;;
+    -h|--help) sed -n '2,8p' "$0"; exit 0 ;;
+    *) break ;;
+  esac
+done
+if [ $# -lt 1 ]; then
+  sed -n '2,8p' "$0" >&2
+  exit 2
+fi
+
+ensure_env ""
+NUM_PROCESSES="${NUM_PROCESSES:-$(gpu_count)}"
+ARGS=(--num_processes "$NUM_PROCESSES" --num_machines 1 --dynamo_backend no)
+if [ -n "$CONFIG_FILE" ]; then
+  ARGS=(--config_file "$CONFIG_FILE" --num_processes "$NUM_PROCESSES")
+elif [ "$NUM_PROCESSES" -gt 1 ]; then
+  # torchrun-style launch; without CUDA each process joins a gloo (CPU) process group.
+  ARGS+=(--multi_gpu)
+fi
+if ! has_gpu; then
+  THREADS=$(( $(nproc) / NUM_PROCESSES ))
+  export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(( THREADS > 0 ? THREADS : 1 ))}"
+fi
+# --debug given anywhere goes to tuner, not accelerate.
+exec "$PY" -m accelerate.commands.launch "${ARGS[@]}" -m tuner train "$@"

@@ -1,0 +1,47 @@
+"""Shared fixtures: tiny datasets and recipes that train in seconds on a CPU."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture
+def style_dir(tmp_path: Path) -> Path:
+    """Four images + captions copied from the shipped toy style set."""
+    folder = tmp_path / "style"
+    folder.mkdir()
+    for png in sorted((REPO / "datasets" / "toy-style").glob("*.png"))[:4]:
+        shutil.copy(png, folder / png.name)
+        shutil.copy(png.with_suffix(".txt"), folder / png.with_suffix(".txt").name)
+    return folder
+
+
+@pytest.fixture
+def make_recipe(tmp_path: Path, style_dir: Path):
+    """Build a validated tiny recipe; keyword overrides use dotted keys."""
+    from tuner.recipe import apply_overrides, validate_recipe
+
+    def build(*overrides: str, base: str = "builtin:tiny-sd15"):
+        raw = {
+            "model": {"path": base},
+            "adapter": {"rank": 4, "alpha": 4},
+            "data": {"datasets": [{"path": str(style_dir)}], "resolution": 64,
+                     "cache_dir": str(tmp_path / "cache")},
+            "train": {"steps": 3, "batch_size": 2, "lr": 1e-3, "seed": 0},
+            "sample": {"prompts": []},
+            "output": {"dir": str(tmp_path / "out"), "overwrite": True},
+            "log": {"every": 1},
+        }
+        return validate_recipe(apply_overrides(raw, overrides))
+
+    return build

@@ -1,0 +1,146 @@
+"""Stable Diffusion 3 / 3.5: a flow-matching MMDiT conditioned on CLIP-L and CLIP-G (hidden
+states and pooled projections) and a T5-XXL sequence, which `model.drop_t5` leaves out (zeros in
+its place, as StableDiffusion3Pipeline does without text_encoder_3)."""
+
+from __future__ import annotations
+
+import torch
+from diffusers import (
+    AutoencoderKL,
+    FlowMatchEulerDiscreteScheduler,
+    SD3Transformer2DModel,
+    StableDiffusion3Pipeline,
+)
+from transformers import CLIPTextModelWithProjection
+
+from tuner.families.base import Components
+from tuner.families.builtin import tiny_vae
+from tuner.families.flowmatch import (
+    FlowMatchFamily,
+    clip_config,
+    default_dtype,
+    offline_t5_tokenizer,
+    t5_encoder,
+)
+from tuner.families.tokenizer import offline_clip_tokenizer
+
+T5_PARTS = ("text_encoder_3", "tokenizer_3")
+
+
+class SD3Family(FlowMatchFamily):
+    name = "sd3"
+    pipeline_class = StableDiffusion3Pipeline
+    transformer_cls = SD3Transformer2DModel
+    default_resolution = 1024
+    modelspec_architecture = "stable-diffusion-3.5-large"
+
+    def leave_out(self, model) -> tuple[str, ...]:
+        return T5_PARTS if model.drop_t5 else ()
+
+    def load(self, model, dtype: torch.dtype) -> Components:
+        comps = super().load(model, dtype)
+        comps.extra["dtype"] = dtype
+        if model.drop_t5:
+            comps.identity += ":no-t5"  # the cached embeddings hold zeros instead of T5
+        return comps
+
+    def configure(self, comps: Components, recipe) -> None:
+        super().configure(comps, recipe)
+        config = comps.denoiser.config
+        if config.dual_attention_layers:
+            self.modelspec_architecture = "stable-diffusion-3.5-medium"
+        elif config.num_layers >= 38:
+            self.modelspec_architecture = "stable-diffusion-3.5-large"
+        else:
+            self.modelspec_architecture = "stable-diffusion-3-medium"
+
+    def build_pipeline(self, comps: Components):
+        modules = {"transformer": comps.denoiser, "vae": comps.vae, "scheduler": comps.scheduler,
+                   **dict.fromkeys(T5_PARTS), **comps.text_encoders, **comps.tokenizers}
+        return self.pipeline_class(**modules)
+
+    def encode_prompts(self, comps: Components, prompts: list[str]) -> dict[str, torch.Tensor]:
+        pipe = self.encoding_pipeline(comps)
+        embeds, _, pooled, _ = pipe.encode_prompt(
+            prompt=prompts, prompt_2=None, prompt_3=None, device=self.encoder_device(comps),
+            do_classifier_free_guidance=False,
+            max_sequence_length=comps.extra["max_sequence_length"])
+        return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
+
+    def predict(self, comps, noisy, timesteps, cond, batch) -> torch.Tensor:
+        dtype = comps.extra.get("dtype", torch.float32)
+        return comps.denoiser(
+            hidden_states=noisy.to(dtype),
+            timestep=timesteps,  # sigma * 1000, as the SD3 pipeline passes it
+            encoder_hidden_states=cond["prompt_embeds"].to(dtype),
+            pooled_projections=cond["pooled_prompt_embeds"].to(dtype),
+            return_dict=False,
+        )[0]
+
+
+# --- builtin models -----------------------------------------------------------------------
+
+
+def sd3_scheduler() -> FlowMatchEulerDiscreteScheduler:
+    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
+
+
+def sd35_large_transformer_config() -> dict:
+    """SD3.5 Large: 38 blocks, 38 heads x 64, QK RMS-norm, 2432-wide context projection."""
+    return {"sample_size": 128, "patch_size": 2, "in_channels": 16, "num_layers": 38,
+            "attention_head_dim": 64, "num_attention_heads": 38, "joint_attention_dim": 4096,
+            "caption_projection_dim": 2432, "pooled_projection_dim": 2048, "out_channels": 16,
+            "pos_embed_max_size": 192, "qk_norm": "rms_norm"}
+
+
+def sd3_vae() -> AutoencoderKL:
+    return AutoencoderKL(
+        block_out_channels=(128, 256, 512, 512),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        layers_per_block=2, latent_channels=16, norm_num_groups=32, sample_size=1024,
+        scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False,
+        use_post_quant_conv=False, force_upcast=True,
+    )
+
+
+def build_tiny_sd3() -> dict:
+    """SD3.5 at toy size: 2 blocks with QK norm; CLIP-L and CLIP-G 32 wide (their hidden states
+    concatenate to 64 = the T5 width, their projections to 64 = the pooled width)."""
+    torch.manual_seed(3)
+    transformer = SD3Transformer2DModel(
+        sample_size=32, patch_size=2, in_channels=16, num_layers=2, attention_head_dim=8,
+        num_attention_heads=4, joint_attention_dim=64, caption_projection_dim=32,
+        pooled_projection_dim=64, out_channels=16, pos_embed_max_size=64, qk_norm="rms_norm")
+    return {
+        "transformer": transformer,
+        "vae": tiny_vae(16, scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False,
+                        use_post_quant_conv=False),
+        "text_encoder": CLIPTextModelWithProjection(clip_config(32, 2, 2)),
+        "tokenizer": offline_clip_tokenizer(),
+        "text_encoder_2": CLIPTextModelWithProjection(clip_config(32, 2, 2, act="gelu")),
+        "tokenizer_2": offline_clip_tokenizer("!"),
+        "text_encoder_3": t5_encoder(64, 128, layers=2, heads=2, d_kv=32),
+        "tokenizer_3": offline_t5_tokenizer(),
+        "scheduler": sd3_scheduler(),
+    }
+
+
+def build_arch_sd35() -> dict:
+    """The full SD3.5 Large architecture with random weights (CLIP-L, CLIP-G, T5-XXL), in bf16."""
+    torch.manual_seed(0)
+    with default_dtype(torch.bfloat16):
+        return {
+            "transformer": SD3Transformer2DModel(**sd35_large_transformer_config()),
+            "vae": sd3_vae(),
+            "text_encoder": CLIPTextModelWithProjection(
+                clip_config(768, 12, 12, full_vocab=True)),
+            "tokenizer": offline_clip_tokenizer(),
+            "text_encoder_2": CLIPTextModelWithProjection(
+                clip_config(1280, 32, 20, act="gelu", full_vocab=True)),
+            "tokenizer_2": offline_clip_tokenizer("!"),
+            "text_encoder_3": t5_encoder(4096, 10240, layers=24, heads=64, d_kv=64,
+                                         vocab_size=32128),
+            "tokenizer_3": offline_t5_tokenizer(),
+            "scheduler": sd3_scheduler(),
+        }
