@@ -94,6 +94,8 @@ elif [ "$NUM_PROCESSES" -gt 1 ]; then
   ARGS+=(--multi_gpu)
 fi
 if ! has_gpu; then
+  # Without this, accelerate starts N independent single processes on a CPU-only machine.
+  export ACCELERATE_USE_CPU=1
   THREADS=$(( $(nproc) / NUM_PROCESSES ))
   export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(( THREADS > 0 ? THREADS : 1 ))}"
 fi

@@ -7,6 +7,7 @@ sees. Each batch carries the (epoch, position) after it, which is what a checkpo
 
 from __future__ import annotations
 
+import torch
 from torch.utils.data import DataLoader, Sampler
 
 from tuner.data.batches import collate
@@ -57,5 +58,8 @@ def batch_stream(dataset, sampler, state: dict, accelerator, num_workers: int):
     loader = DataLoader(KeyedDataset(dataset), batch_sampler=key_batches,
                         collate_fn=collate_with_position, num_workers=num_workers,
                         pin_memory=accelerator.device.type == "cuda",
-                        persistent_workers=num_workers > 0)
+                        persistent_workers=num_workers > 0,
+                        # Its own generator: creating the iterator must not draw from the
+                        # global RNG, or a resumed run's LoRA dropout would drift.
+                        generator=torch.Generator().manual_seed(sampler.seed))
     return iter(loader)

@@ -17,14 +17,22 @@ class TrainingInputs:
     weight: torch.Tensor | None  # per-sample loss weight, shape (batch,)
 
 
-def sample_noise(latents: torch.Tensor, generator: torch.Generator, offset: float) -> torch.Tensor:
-    noise = torch.randn(latents.shape, generator=generator, device=latents.device,
-                        dtype=latents.dtype)
+def shared_draw(draw, batch: int, share: tuple[int, int]):
+    """Draw for the whole global batch and keep this process's slice, so N processes with
+    batch b get exactly the noise 1 process with batch N*b gets. share = (rank, world)."""
+    rank, world = share
+    return draw(batch * world)[rank * batch:(rank + 1) * batch]
+
+
+def sample_noise(latents: torch.Tensor, generator: torch.Generator, offset: float,
+                 share: tuple[int, int] = (0, 1)) -> torch.Tensor:
+    b, c = latents.shape[:2]
+    kwargs = {"generator": generator, "device": latents.device, "dtype": latents.dtype}
+    noise = shared_draw(lambda n: torch.randn((n, *latents.shape[1:]), **kwargs), b, share)
     if offset:
         # Noise offset: a per-channel constant shift lets the model learn very dark/bright images.
-        b, c = latents.shape[:2]
-        noise = noise + offset * torch.randn((b, c, 1, 1), generator=generator,
-                                             device=latents.device, dtype=latents.dtype)
+        shift = shared_draw(lambda n: torch.randn((n, c, 1, 1), **kwargs), b, share)
+        noise = noise + offset * shift
     return noise
 
 
@@ -53,10 +61,13 @@ class DDPMObjective:
         # Min-SNR (Hang et al. 2023); v-prediction's loss already carries a factor snr + 1.
         return clipped / (snr + 1) if self.prediction_type == "v_prediction" else clipped / snr
 
-    def sample(self, latents: torch.Tensor, generator: torch.Generator) -> TrainingInputs:
-        noise = sample_noise(latents, generator, self.noise_offset)
-        timesteps = torch.randint(0, self.num_timesteps, (latents.shape[0],),
-                                  generator=generator, device=latents.device)
+    def sample(self, latents: torch.Tensor, generator: torch.Generator,
+               share: tuple[int, int] = (0, 1)) -> TrainingInputs:
+        noise = sample_noise(latents, generator, self.noise_offset, share)
+        timesteps = shared_draw(lambda n: torch.randint(0, self.num_timesteps, (n,),
+                                                        generator=generator,
+                                                        device=latents.device),
+                                latents.shape[0], share)
         noisy = self.scheduler.add_noise(latents, noise, timesteps)
         return TrainingInputs(noisy, timesteps, self.target(latents, noise, timesteps),
                               self.weight(timesteps))

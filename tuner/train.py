@@ -98,9 +98,10 @@ def run_training(recipe: Recipe) -> TrainingResult:
     groups = parameter_groups(trained, family, recipe)
     optimizer = build_optimizer(groups, recipe.train, device)
     scheduler = build_scheduler(optimizer, recipe.train)
-    names = list(trained)
-    prepared = accelerator.prepare(*trained.values(), optimizer)
-    models, optimizer = dict(zip(names, prepared[:-1])), prepared[-1]
+    # The models are not wrapped in DDP: only LoRA weights train, so their gradients are
+    # averaged in one collective (average_gradients). That keeps families calling plain modules,
+    # and frozen or unused parameters can never trip DDP's unused-parameter check.
+    optimizer = accelerator.prepare(optimizer)
     if recipe.train.compile:
         comps.denoiser = torch.compile(comps.denoiser)
 
@@ -121,7 +122,7 @@ def run_training(recipe: Recipe) -> TrainingResult:
 
     # 5. Steps.
     stopper = GracefulStop()
-    run_steps(recipe, accelerator, family, comps, models, trained, optimizer, scheduler,
+    run_steps(recipe, accelerator, family, comps, trained, optimizer, scheduler,
               objective, batches, state, stopper, output_dir)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -182,7 +183,8 @@ def compute_loss(recipe, family, comps, objective, batch, generator, accelerator
     else:
         with torch.set_grad_enabled(recipe.adapter.text_encoder):
             cond = family.encode_prompts(comps, batch["captions"])
-    inputs = objective.sample(latents.float(), generator)
+    share = (accelerator.process_index, accelerator.num_processes)
+    inputs = objective.sample(latents.float(), generator, share)
     with accelerator.autocast():
         pred = family.predict(comps, inputs.noisy, inputs.timesteps, cond, batch)
     per_sample = weighted_mse(pred, inputs.target, inputs.weight)
@@ -193,7 +195,7 @@ def compute_loss(recipe, family, comps, objective, batch, generator, accelerator
     return instance + recipe.dreambooth.prior_loss_weight * per_sample[is_prior].mean()
 
 
-def run_steps(recipe, accelerator, family, comps, models, trained, optimizer, scheduler,
+def run_steps(recipe, accelerator, family, comps, trained, optimizer, scheduler,
               objective, batches, state, stopper, output_dir) -> None:
     train_cfg, device = recipe.train, accelerator.device
     params = [p for m in trained.values() for p in adapters.trainable_parameters(m)]
@@ -201,19 +203,22 @@ def run_steps(recipe, accelerator, family, comps, models, trained, optimizer, sc
     running, bad_steps, started = torch.zeros((), device=device), 0, time.perf_counter()
     bar = tqdm(total=train_cfg.steps, initial=state["step"], desc="training", unit="step",
                disable=not accelerator.is_main_process)
-    for model in models.values():
+    for model in trained.values():
         model.train()
     while state["step"] < train_cfg.steps:
         step = state["step"]
         for micro in range(train_cfg.grad_accum):
             batch = next(batches)
-            # One generator per (seed, step, micro, rank): resumed runs draw the same noise.
+            # One generator per (seed, step, micro), the same on every process (each keeps its
+            # slice of the global draw): resumed and multi-process runs draw the same noise.
             generator = torch.Generator(device).manual_seed(
-                train_cfg.seed * 1_000_003 + step * 101 + micro * 7 + accelerator.process_index)
-            with accelerator.accumulate(*models.values()):
+                train_cfg.seed * 1_000_003 + step * 101 + micro * 7)
+            with accelerator.accumulate():
                 loss = compute_loss(recipe, family, comps, objective, batch, generator,
                                     accelerator)
                 accelerator.backward(loss)
+                if accelerator.sync_gradients and accelerator.num_processes > 1:
+                    average_gradients(params, accelerator)
                 grad_norm = None
                 if accelerator.sync_gradients and train_cfg.max_grad_norm:
                     grad_norm = accelerator.clip_grad_norm_(params, train_cfg.max_grad_norm)
@@ -259,6 +264,16 @@ def run_steps(recipe, accelerator, family, comps, models, trained, optimizer, sc
     log.info("trained %d steps in %.1fs", train_cfg.steps - 0, time.perf_counter() - started)
 
 
+def average_gradients(params: list[torch.nn.Parameter], accelerator) -> None:
+    """Mean of the LoRA gradients over processes, in one flat all-reduce."""
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = accelerator.reduce(torch.cat([g.flatten() for g in grads]), reduction="mean")
+    offset = 0
+    for param, grad in zip(params, grads):
+        param.grad = flat[offset:offset + grad.numel()].view_as(param).to(grad.dtype)
+        offset += grad.numel()
+
+
 def nan_guard_ok(loss, grad_norm) -> bool:
     # The one host sync per optimizer step: the same cost as fp16's GradScaler check.
     flag = torch.isfinite(loss)
@@ -278,8 +293,9 @@ def save_checkpoint(recipe, accelerator, trained, optimizer, scheduler, state, o
                     for name, module in trained.items()
                     for k, v in adapters.peft_state(module).items()}
             save_file(lora, str(folder / "lora_state.safetensors"))
+            scaler = accelerator.scaler.state_dict() if accelerator.scaler else None
             torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                        "rng": rng_state()}, folder / "training_state.pt")
+                        "rng": rng_state(), "scaler": scaler}, folder / "training_state.pt")
         accelerator.wait_for_everyone()
 
     checkpoint.write_checkpoint(output_dir, state["step"], contents, dict(state),
@@ -298,6 +314,8 @@ def load_checkpoint(folder: Path, trained, optimizer, scheduler, accelerator) ->
     optimizer.load_state_dict(saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])
     restore_rng_state(saved["rng"])
+    if saved.get("scaler") and accelerator.scaler:
+        accelerator.scaler.load_state_dict(saved["scaler"])
     return checkpoint.read_state(folder)
 
 
