@@ -164,6 +164,7 @@ class TrainSection(Section):
     resume: str | None = None
     nan_patience: int = Field(20, ge=1)
     compile: bool = False
+    count_flops: bool = False  # count the first step's FLOPs (for `tuner bench` MFU)
 
 
 class SampleSection(Section):

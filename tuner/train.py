@@ -6,6 +6,7 @@ adapters, optimizer, then steps. Family differences are behind `family.*` calls 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import signal
@@ -43,6 +44,9 @@ class TrainingResult:
     comps: object  # the trained in-memory model (tests compare it with the saved files)
     trained: dict
     steps: int
+    log_times: list = None  # (step, wall time) at each log point; the .item() there syncs
+    peak_memory: int = 0  # bytes, CUDA only, training phase only
+    flops_per_step: float | None = None  # with train.count_flops
 
 
 def train(recipe: Recipe) -> Path:
@@ -75,8 +79,9 @@ def run_training(recipe: Recipe) -> TrainingResult:
     dtype = DTYPES[recipe.train.mixed_precision]
     comps = family.load(recipe.model, dtype)
     family.configure(comps, recipe)
-    for module in [comps.denoiser, *comps.frozen_modules().values()]:
-        module.requires_grad_(False)
+    comps.denoiser.requires_grad_(False)
+    for module in comps.frozen_modules().values():
+        module.requires_grad_(False).eval()
     device = accelerator.device
     class_items = dreambooth.class_items(recipe, family, comps, accelerator)
 
@@ -88,6 +93,8 @@ def run_training(recipe: Recipe) -> TrainingResult:
         log.info("cache: %d hit, %d made, %d skipped", stats["hit"], stats["made"],
                  len(report.skipped))
     place_frozen_modules(comps, plan, recipe, device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()  # report training's peak, not caching's
 
     # 4. Adapters, optimizer, schedule. Re-seed: LoRA init must not depend on cache hits.
     set_seed(recipe.train.seed)
@@ -122,14 +129,17 @@ def run_training(recipe: Recipe) -> TrainingResult:
 
     # 5. Steps.
     stopper = GracefulStop()
+    stats = {"log_times": [], "flops": None}
     run_steps(recipe, accelerator, family, comps, trained, optimizer, scheduler,
-              objective, batches, state, stopper, output_dir)
+              objective, batches, state, stopper, output_dir, stats)
+    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else 0
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         finish_outputs(recipe, output_dir, family, comps, trained, accelerator, state["step"],
                        report)
     accelerator.end_training()
-    return TrainingResult(output_dir, family, comps, trained, state["step"])
+    return TrainingResult(output_dir, family, comps, trained, state["step"], stats["log_times"],
+                          peak, stats["flops"])
 
 
 def cache_plan(recipe: Recipe, comps) -> CachePlan:
@@ -196,7 +206,7 @@ def compute_loss(recipe, family, comps, objective, batch, generator, accelerator
 
 
 def run_steps(recipe, accelerator, family, comps, trained, optimizer, scheduler,
-              objective, batches, state, stopper, output_dir) -> None:
+              objective, batches, state, stopper, output_dir, stats) -> None:
     train_cfg, device = recipe.train, accelerator.device
     params = [p for m in trained.values() for p in adapters.trainable_parameters(m)]
     te_stop = math.ceil(recipe.adapter.text_encoder_stop * train_cfg.steps)
@@ -213,7 +223,8 @@ def run_steps(recipe, accelerator, family, comps, trained, optimizer, scheduler,
             # slice of the global draw): resumed and multi-process runs draw the same noise.
             generator = torch.Generator(device).manual_seed(
                 train_cfg.seed * 1_000_003 + step * 101 + micro * 7)
-            with accelerator.accumulate():
+            with accelerator.accumulate(), flop_counter(stats, step == 0 and micro == 0 and
+                                                        train_cfg.count_flops):
                 loss = compute_loss(recipe, family, comps, objective, batch, generator,
                                     accelerator)
                 accelerator.backward(loss)
@@ -245,6 +256,7 @@ def run_steps(recipe, accelerator, family, comps, trained, optimizer, scheduler,
             logs = {"loss": (running / recipe.log.every).item(), "lr": scheduler.get_last_lr()[0]}
             if device.type == "cuda":
                 logs["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+            stats["log_times"].append((step + 1, time.perf_counter()))
             bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items()})
             accelerator.log(logs, step=step + 1)
             running.zero_()
@@ -262,6 +274,19 @@ def run_steps(recipe, accelerator, family, comps, trained, optimizer, scheduler,
                              f"./launch.sh RECIPE train.resume=latest output.dir={output_dir}")
     bar.close()
     log.info("trained %d steps in %.1fs", train_cfg.steps - 0, time.perf_counter() - started)
+
+
+@contextlib.contextmanager
+def flop_counter(stats: dict, enabled: bool):
+    """Count the FLOPs of one forward+backward (benchmarks' MFU); a no-op otherwise."""
+    if not enabled:
+        yield
+        return
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        yield
+    stats["flops"] = float(counter.get_total_flops())
 
 
 def average_gradients(params: list[torch.nn.Parameter], accelerator) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import DDPMScheduler, StableDiffusionPipeline
 
 from tuner.families.base import Components, Family
 from tuner.families.loading import load_pipeline_modules
@@ -38,7 +38,9 @@ class StableDiffusionFamily(Family):
         return {"prompt_embeds": encoder(ids.to(encoder.device))[0]}
 
     def objective(self, comps: Components, train) -> DDPMObjective:
-        return DDPMObjective(comps.scheduler, noise_offset=train.noise_offset,
+        # Training noise follows the DDPM formula whatever sampler the checkpoint ships.
+        scheduler = DDPMScheduler.from_config(comps.scheduler.config)
+        return DDPMObjective(scheduler, noise_offset=train.noise_offset,
                              min_snr_gamma=train.min_snr_gamma)
 
     def predict(self, comps, noisy, timesteps, cond, batch) -> torch.Tensor:
