@@ -35,8 +35,11 @@ def make_recipe(tmp_path: Path, style_dir: Path):
         raw = {
             "model": {"path": base},
             "adapter": {"rank": 4, "alpha": 4},
-            "data": {"datasets": [{"path": str(style_dir)}], "resolution": 64,
-                     "cache_dir": str(tmp_path / "cache")},
+            "data": {
+                "datasets": [{"path": str(style_dir)}],
+                "resolution": 64,
+                "cache_dir": str(tmp_path / "cache"),
+            },
             "train": {"steps": 3, "batch_size": 2, "lr": 1e-3, "seed": 0},
             "sample": {"prompts": []},
             "output": {"dir": str(tmp_path / "out"), "overwrite": True},

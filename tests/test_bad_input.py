@@ -20,26 +20,42 @@ def run_cli(tmp_path, capsys, recipe_raw: dict, *overrides: str) -> tuple[int, s
 def raw(tmp_path, style_dir) -> dict:
     return {
         "model": {"path": "builtin:tiny-sd15"},
-        "data": {"datasets": [{"path": str(style_dir)}], "resolution": 64,
-                 "cache_dir": str(tmp_path / "cache")},
+        "data": {
+            "datasets": [{"path": str(style_dir)}],
+            "resolution": 64,
+            "cache_dir": str(tmp_path / "cache"),
+        },
         "train": {"steps": 1},
         "sample": {"prompts": []},
         "output": {"dir": str(tmp_path / "out")},
     }
 
 
-@pytest.mark.parametrize("case, overrides, expected", [
-    ("missing dataset", ["data.datasets.0.path=/no/such/folder"],
-     "/no/such/folder: dataset path not found"),
-    ("unknown family", ["model.family=sd9"], "model.family: unknown family 'sd9'"),
-    ("model path not found", ["model.path=./no-model-here"],
-     "model.path: ./no-model-here not found"),
-    ("unknown builtin", ["model.path=builtin:tiny-sd99"], "unknown builtin 'builtin:tiny-sd99'"),
-    ("resolution", ["data.resolution=100"], "resolution 100 is not a multiple of 8"),
-    ("batch size", ["train.batch_size=0"], "train.batch_size: expected a value >= 1, got 0"),
-    ("absurd resolution", ["data.resolution=100000"], "absurd"),
-    ("pickle checkpoint", ["model.path=PICKLE"], "is a pickle file"),
-])
+@pytest.mark.parametrize(
+    "case, overrides, expected",
+    [
+        (
+            "missing dataset",
+            ["data.datasets.0.path=/no/such/folder"],
+            "/no/such/folder: dataset path not found",
+        ),
+        ("unknown family", ["model.family=sd9"], "model.family: unknown family 'sd9'"),
+        (
+            "model path not found",
+            ["model.path=./no-model-here"],
+            "model.path: ./no-model-here not found",
+        ),
+        (
+            "unknown builtin",
+            ["model.path=builtin:tiny-sd99"],
+            "unknown builtin 'builtin:tiny-sd99'",
+        ),
+        ("resolution", ["data.resolution=100"], "resolution 100 is not a multiple of 8"),
+        ("batch size", ["train.batch_size=0"], "train.batch_size: expected a value >= 1, got 0"),
+        ("absurd resolution", ["data.resolution=100000"], "absurd"),
+        ("pickle checkpoint", ["model.path=PICKLE"], "is a pickle file"),
+    ],
+)
 def test_one_clear_line(tmp_path, capsys, raw, case, overrides, expected):
     if overrides == ["model.path=PICKLE"]:
         (tmp_path / "model.ckpt").write_bytes(b"not really a pickle")
@@ -56,8 +72,10 @@ def test_empty_dataset_folder(tmp_path, capsys, raw):
     (empty / "notes.txt").write_text("no images here")
     code, line = run_cli(tmp_path, capsys, raw, f"data.datasets.0.path={empty}")
     assert code == 2
-    assert line == f"error: {empty}: no usable images (supported: jpg, png, webp, bmp); add " \
-                   "images or fix data.datasets[].path"
+    assert (
+        line == f"error: {empty}: no usable images (supported: jpg, png, webp, bmp); add "
+        "images or fix data.datasets[].path"
+    )
 
 
 def test_corrupt_image_is_skipped_with_a_named_warning(tmp_path, capsys, raw, style_dir, caplog):

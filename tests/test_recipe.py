@@ -44,8 +44,9 @@ def test_unknown_key_suggests_the_close_one(tmp_path):
 
 
 def test_unknown_section_and_nested_list_key(tmp_path):
-    assert "trian: unknown key; did you mean 'train'" in error_of(write(tmp_path, {**MINIMAL,
-                                                                            "trian": {}}))
+    assert "trian: unknown key; did you mean 'train'" in error_of(
+        write(tmp_path, {**MINIMAL, "trian": {}})
+    )
     message = error_of(write(tmp_path, MINIMAL), ["data.datasets.0.repeat=2"])
     assert "data.datasets.0.repeat: unknown key; did you mean 'data.datasets.0.repeats'" in message
 
@@ -56,21 +57,32 @@ def test_missing_file_and_missing_required_key(tmp_path):
     assert "train: required key is missing" in error_of(write(tmp_path, raw))
 
 
-@pytest.mark.parametrize("override, expected", [
-    ("data.resolution=100", "data.resolution: resolution 100 is not a multiple of 8"),
-    ("train.batch_size=0", "train.batch_size: expected a value >= 1, got 0"),
-    ("model.family=sd9", "model.family: unknown family 'sd9'"),
-    ("train.optimizer=sgd", "train.optimizer: expected one of 'adamw' or 'adamw8bit'"),
-    ("train.mixed_precision=fp8", "train.mixed_precision: expected one of"),
-])
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("data.resolution=100", "data.resolution: resolution 100 is not a multiple of 8"),
+        ("train.batch_size=0", "train.batch_size: expected a value >= 1, got 0"),
+        ("model.family=sd9", "model.family: unknown family 'sd9'"),
+        ("train.optimizer=sgd", "train.optimizer: expected one of 'adamw' or 'adamw8bit'"),
+        ("train.mixed_precision=fp8", "train.mixed_precision: expected one of"),
+    ],
+)
 def test_impossible_settings(tmp_path, override, expected):
     assert expected in error_of(write(tmp_path, MINIMAL), [override])
 
 
 def test_overrides_parse_yaml_set_nested_and_remove():
-    raw = apply_overrides(MINIMAL, ["train.steps=7", "sample.seeds=[1, 2]",
-                                    "data.datasets.0.repeats=3", "~output.dir",
-                                    "adapter.text_encoder=true", "sample.prompts=[a=b]"])
+    raw = apply_overrides(
+        MINIMAL,
+        [
+            "train.steps=7",
+            "sample.seeds=[1, 2]",
+            "data.datasets.0.repeats=3",
+            "~output.dir",
+            "adapter.text_encoder=true",
+            "sample.prompts=[a=b]",
+        ],
+    )
     assert raw["train"]["steps"] == 7
     assert raw["sample"]["seeds"] == [1, 2]
     assert raw["data"]["datasets"][0]["repeats"] == 3
@@ -100,8 +112,9 @@ def test_check_error_is_one_line_without_traceback(tmp_path, capsys):
     assert err == f"error: {path}: train.lr: expected a number, got 'fast'"
 
 
-@pytest.mark.parametrize("recipe", sorted(p.relative_to(REPO).as_posix()
-                                          for p in (REPO / "recipes").rglob("*.yaml")))
+@pytest.mark.parametrize(
+    "recipe", sorted(p.relative_to(REPO).as_posix() for p in (REPO / "recipes").rglob("*.yaml"))
+)
 def test_every_shipped_recipe_validates(recipe, monkeypatch):
     monkeypatch.chdir(REPO)
     loaded = load_recipe(recipe)

@@ -25,10 +25,23 @@ def recipe_file(tmp_path: Path, style_dir: Path, out: str, **train) -> Path:
     raw = {
         "model": {"path": "builtin:tiny-sd15"},
         "adapter": {"rank": 4, "dropout": 0.1},
-        "data": {"datasets": [{"path": str(style_dir), "repeats": 2}], "resolution": 64,
-                 "cache_dir": str(tmp_path / "cache"), "caption_dropout": 0.2, "flip": True},
-        "train": {"steps": 8, "batch_size": 2, "grad_accum": 2, "lr": 5e-3, "seed": 3,
-                  "lr_scheduler": "cosine", "warmup_steps": 2, **train},
+        "data": {
+            "datasets": [{"path": str(style_dir), "repeats": 2}],
+            "resolution": 64,
+            "cache_dir": str(tmp_path / "cache"),
+            "caption_dropout": 0.2,
+            "flip": True,
+        },
+        "train": {
+            "steps": 8,
+            "batch_size": 2,
+            "grad_accum": 2,
+            "lr": 5e-3,
+            "seed": 3,
+            "lr_scheduler": "cosine",
+            "warmup_steps": 2,
+            **train,
+        },
         "sample": {"prompts": []},
         "output": {"dir": str(tmp_path / out), "save_every": 2, "keep": 10},
         "log": {"every": 1},
@@ -62,12 +75,17 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path, style_dir):
     # 4 images x 2 repeats = 4 batches per epoch of batch 2; grad_accum 2 -> an epoch is 2
     # steps, so step 3 is inside the second epoch.
     full = recipe_file(tmp_path, style_dir, "full")
-    subprocess.run(tuner_cmd("train", str(full)), check=True, env=env(),
-                   capture_output=True, timeout=600)
+    subprocess.run(
+        tuner_cmd("train", str(full)), check=True, env=env(), capture_output=True, timeout=600
+    )
 
     crashed = recipe_file(tmp_path, style_dir, "crashed")
-    proc = subprocess.Popen(tuner_cmd("train", str(crashed), "output.save_every=3"),
-                            env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        tuner_cmd("train", str(crashed), "output.save_every=3"),
+        env=env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     wait_for(tmp_path / "crashed" / "checkpoints" / "step-000003", proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -75,9 +93,13 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path, style_dir):
     resumed_from = checkpoint.complete_checkpoints(tmp_path / "crashed")[-1]
     assert resumed_from.name in ("step-000003", "step-000006")
 
-    subprocess.run(tuner_cmd("train", str(crashed), "output.save_every=3",
-                             "train.resume=latest"), check=True, env=env(),
-                   capture_output=True, timeout=600)
+    subprocess.run(
+        tuner_cmd("train", str(crashed), "output.save_every=3", "train.resume=latest"),
+        check=True,
+        env=env(),
+        capture_output=True,
+        timeout=600,
+    )
     expected, got = adapter(tmp_path / "full"), adapter(tmp_path / "crashed")
     assert expected.keys() == got.keys()
     for key in expected:
@@ -88,8 +110,13 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path, style_dir):
 
 def test_sigint_saves_a_checkpoint_and_prints_how_to_resume(tmp_path, style_dir):
     path = recipe_file(tmp_path, style_dir, "interrupted", steps=400)
-    proc = subprocess.Popen(tuner_cmd("train", str(path)), env=env(), text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        tuner_cmd("train", str(path)),
+        env=env(),
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     wait_for(tmp_path / "interrupted" / "checkpoints" / "step-000002", proc)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=300)
@@ -116,8 +143,7 @@ def test_retention_keeps_the_newest(tmp_path):
     out = tmp_path / "run"
     for step in (2, 4, 6, 8):
         checkpoint.write_checkpoint(out, step, lambda folder: None, {"step": step}, True, keep=2)
-    assert [p.name for p in checkpoint.complete_checkpoints(out)] == ["step-000006",
-                                                                       "step-000008"]
+    assert [p.name for p in checkpoint.complete_checkpoints(out)] == ["step-000006", "step-000008"]
 
 
 def test_disk_full_during_save_keeps_the_previous_checkpoint(tmp_path):
@@ -140,10 +166,16 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(tmp_path, st
     for path in (one, two):
         text = path.read_text().replace("caption_dropout: 0.2", "caption_dropout: 0.0")
         path.write_text(text.replace("dropout: 0.1", "dropout: 0.0"))
-    subprocess.run(tuner_cmd("train", str(one)), check=True, env=env(), capture_output=True,
-                   timeout=600)
-    result = subprocess.run([str(REPO / "launch.sh"), "--num-processes", "2", str(two)],
-                            env=env(), capture_output=True, text=True, timeout=900)
+    subprocess.run(
+        tuner_cmd("train", str(one)), check=True, env=env(), capture_output=True, timeout=600
+    )
+    result = subprocess.run(
+        [str(REPO / "launch.sh"), "--num-processes", "2", str(two)],
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     errors = [line for line in result.stderr.splitlines() if "Error" in line or "error:" in line]
     assert result.returncode == 0, "\n".join(errors[-20:])
     a, b = adapter(tmp_path / "one"), adapter(tmp_path / "two")

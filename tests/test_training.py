@@ -13,27 +13,39 @@ from tuner.train import run_training
 
 
 def base_state(pipe) -> dict[str, dict[str, torch.Tensor]]:
-    return {name: {k: v.clone() for k, v in getattr(pipe, name).state_dict().items()}
-            for name in ("unet", "vae", "text_encoder")}
+    return {
+        name: {k: v.clone() for k, v in getattr(pipe, name).state_dict().items()}
+        for name in ("unet", "vae", "text_encoder")
+    }
 
 
 def images(pipe, prompt="a red circle on a blue background", **kwargs):
     generator = torch.Generator().manual_seed(0)
-    return pipe(prompt, num_inference_steps=3, guidance_scale=3.0, height=64, width=64,
-                generator=generator, output_type="np", **kwargs).images
+    return pipe(
+        prompt,
+        num_inference_steps=3,
+        guidance_scale=3.0,
+        height=64,
+        width=64,
+        generator=generator,
+        output_type="np",
+        **kwargs,
+    ).images
 
 
 def fixed_eval_loss(result, latents, prompt_embeds, scale: float) -> float:
     """Denoising loss on fixed noise/timesteps, at a given adapter scale (0 = base)."""
-    objective = result.family.objective(result.comps, type("T", (), {"noise_offset": 0.0,
-                                                                       "min_snr_gamma": None}))
+    objective = result.family.objective(
+        result.comps, type("T", (), {"noise_offset": 0.0, "min_snr_gamma": None})
+    )
     generator = torch.Generator().manual_seed(123)
     losses = []
     with torch.no_grad(), lora_scale([result.comps.denoiser], scale):
         for _ in range(8):
             inputs = objective.sample(latents, generator)
-            pred = result.comps.denoiser(inputs.noisy, inputs.timesteps,
-                                         encoder_hidden_states=prompt_embeds).sample
+            pred = result.comps.denoiser(
+                inputs.noisy, inputs.timesteps, encoder_hidden_states=prompt_embeds
+            ).sample
             losses.append(torch.mean((pred - inputs.target) ** 2).item())
     return sum(losses) / len(losses)
 
@@ -42,8 +54,11 @@ def test_only_lora_parameters_change(make_recipe):
     base = base_state(load_pipeline("builtin:tiny-sd15"))
     result = run_training(make_recipe("train.steps=3", "adapter.text_encoder=true"))
     comps = result.comps
-    for name, module in (("unet", comps.denoiser), ("vae", comps.vae),
-                         ("text_encoder", comps.text_encoders["text_encoder"])):
+    for name, module in (
+        ("unet", comps.denoiser),
+        ("vae", comps.vae),
+        ("text_encoder", comps.text_encoders["text_encoder"]),
+    ):
         for key, value in module.state_dict().items():
             if "lora_" in key:
                 continue
@@ -56,8 +71,9 @@ def test_only_lora_parameters_change(make_recipe):
 def test_loss_falls_when_memorizing_two_images(make_recipe, style_dir):
     for extra in sorted(style_dir.iterdir())[4:]:
         extra.unlink()  # keep 2 images (png + txt each)
-    result = run_training(make_recipe("train.steps=50", "train.batch_size=2", "train.lr=1e-2",
-                                      "adapter.rank=8"))
+    result = run_training(
+        make_recipe("train.steps=50", "train.batch_size=2", "train.lr=1e-2", "adapter.rank=8")
+    )
     fam, comps = result.family, result.comps
     from tuner.data.dataset import pixels_of
     from tuner.data.images import load_image
@@ -82,8 +98,9 @@ def test_same_seed_same_adapter_and_other_seed_differs(make_recipe, tmp_path):
 
 
 def test_adapter_loads_in_diffusers_changes_images_and_scale_zero_is_base(make_recipe):
-    result = run_training(make_recipe("train.steps=4", "train.lr=2e-2", "adapter.rank=4",
-                                      "adapter.alpha=16"))
+    result = run_training(
+        make_recipe("train.steps=4", "train.lr=2e-2", "adapter.rank=4", "adapter.alpha=16")
+    )
     pipe = load_pipeline("builtin:tiny-sd15")
     assert isinstance(pipe, StableDiffusionPipeline)
     base = images(pipe)
@@ -110,14 +127,15 @@ def test_v_prediction_family_reads_scheduler_and_matches_get_velocity():
 
     family = families.for_model(ModelSection(path="builtin:tiny-sd2"))
     comps = family.load(ModelSection(path="builtin:tiny-sd2"), torch.float32)
-    objective = family.objective(comps, type("T", (), {"noise_offset": 0.0,
-                                                        "min_snr_gamma": None}))
+    objective = family.objective(comps, type("T", (), {"noise_offset": 0.0, "min_snr_gamma": None}))
     assert family.name == "sd2" and objective.prediction_type == "v_prediction"
     latents = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    from tuner.objectives import streams
+
     inputs = objective.sample(latents, torch.Generator().manual_seed(5))
-    again = torch.Generator().manual_seed(5)
-    noise = torch.randn(latents.shape, generator=again)
-    timesteps = torch.randint(0, 1000, (3,), generator=again)
+    noise_gen, time_gen, _ = streams(torch.Generator().manual_seed(5), 3)
+    noise = torch.randn(latents.shape, generator=noise_gen)
+    timesteps = torch.randint(0, 1000, (3,), generator=time_gen)
     assert torch.equal(inputs.timesteps, timesteps)
     assert torch.allclose(inputs.target, comps.scheduler.get_velocity(latents, noise, timesteps))
     assert torch.allclose(inputs.noisy, comps.scheduler.add_noise(latents, noise, timesteps))
@@ -149,8 +167,9 @@ def test_sd2_trains_and_loads(make_recipe):
 def test_8bit_optimizer_runs_on_cpu(make_recipe):
     import bitsandbytes as bnb
 
-    result = run_training(make_recipe("train.optimizer=adamw8bit", "adapter.rank=64",
-                                      "train.steps=2"))
+    result = run_training(
+        make_recipe("train.optimizer=adamw8bit", "adapter.rank=64", "train.steps=2")
+    )
     saved = load_file(str(result.output_dir / WEIGHT_NAME))
     assert any(v.abs().sum() > 0 for k, v in saved.items() if ".up." in k or "lora_B" in k)
     assert bnb.optim.AdamW8bit  # the optimizer class the recipe resolved to exists

@@ -36,15 +36,19 @@ def denoiser_targets(adapter, family, denoiser) -> list[str] | str:
         except re.error as exc:
             raise TunerError(f"adapter.target_regex: invalid regex ({exc})") from None
         if not any(pattern.fullmatch(name) for name, _ in denoiser.named_modules()):
-            raise TunerError(f"adapter.target_regex: {adapter.target_regex!r} matches no module "
-                             "of the denoiser; it must match full module names")
+            raise TunerError(
+                f"adapter.target_regex: {adapter.target_regex!r} matches no module "
+                "of the denoiser; it must match full module names"
+            )
         return adapter.target_regex
     targets = list(adapter.targets or family.default_targets)
     names = [name for name, _ in denoiser.named_modules()]
     for target in targets:
         if not any(name == target or name.endswith("." + target) for name in names):
-            raise TunerError(f"adapter.targets: {target!r} names no module of the denoiser; "
-                             f"defaults for this family are {list(family.default_targets)}")
+            raise TunerError(
+                f"adapter.targets: {target!r} names no module of the denoiser; "
+                f"defaults for this family are {list(family.default_targets)}"
+            )
     return targets
 
 
@@ -52,15 +56,19 @@ def inject(comps, adapter, family) -> dict[str, torch.nn.Module]:
     """Add LoRA to the denoiser (and text encoders if asked). Returns the trained modules by
     their pipeline component name. LoRA weights are fp32 whatever the base dtype."""
     trained = {}
-    comps.denoiser.add_adapter(lora_config(adapter, denoiser_targets(adapter, family,
-                                                                     comps.denoiser)))
+    comps.denoiser.add_adapter(
+        lora_config(adapter, denoiser_targets(adapter, family, comps.denoiser))
+    )
     trained[family.denoiser_name] = comps.denoiser
     if adapter.text_encoder:
         for name, encoder in comps.text_encoders.items():
             # peft directly, not transformers' add_adapter: that one demands a newer peft
             # than some transformers/peft pairings on PyPI provide.
-            inject_adapter_in_model(lora_config(adapter, list(family.text_encoder_targets)),
-                                    encoder, adapter_name="default")
+            inject_adapter_in_model(
+                lora_config(adapter, list(family.text_encoder_targets)),
+                encoder,
+                adapter_name="default",
+            )
             trained[name] = encoder
     # Base weights stay frozen in the compute dtype; only LoRA params train, in fp32.
     for module in trained.values():
@@ -81,8 +89,10 @@ def peft_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def adapter_state(trained: dict[str, torch.nn.Module]) -> dict[str, dict[str, torch.Tensor]]:
     """Per component, its LoRA weights in diffusers naming."""
-    return {name: convert_state_dict_to_diffusers(get_peft_model_state_dict(module))
-            for name, module in trained.items()}
+    return {
+        name: convert_state_dict_to_diffusers(get_peft_model_state_dict(module))
+        for name, module in trained.items()
+    }
 
 
 def adapter_metadata(trained: dict[str, torch.nn.Module]) -> dict[str, dict]:
@@ -92,7 +102,9 @@ def adapter_metadata(trained: dict[str, torch.nn.Module]) -> dict[str, dict]:
 
 def save_adapter(directory: Path, family, trained, weight_name: str = WEIGHT_NAME) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
-    state = {name: {k: v.detach().float().cpu() for k, v in sd.items()}
-             for name, sd in adapter_state(trained).items()}
+    state = {
+        name: {k: v.detach().float().cpu() for k, v in sd.items()}
+        for name, sd in adapter_state(trained).items()
+    }
     family.save_lora(directory, state, adapter_metadata(trained), weight_name)
     return directory / weight_name

@@ -27,8 +27,11 @@ def complete_checkpoints(output_dir: Path) -> list[Path]:
     root = Path(output_dir) / "checkpoints"
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir()
-             if p.is_dir() and STEP_DIR.match(p.name) and (p / STATE_FILE).is_file()]
+    found = [
+        p
+        for p in root.iterdir()
+        if p.is_dir() and STEP_DIR.match(p.name) and (p / STATE_FILE).is_file()
+    ]
     return sorted(found, key=lambda p: int(STEP_DIR.match(p.name).group(1)))
 
 
@@ -42,8 +45,10 @@ def resolve_resume(resume: str | None, output_dir: Path) -> Path | None:
         return found[-1]
     path = Path(resume).expanduser()
     if not (path / STATE_FILE).is_file():
-        raise TunerError(f"train.resume: {resume} is not a complete tuner checkpoint folder; "
-                         "use 'latest' or a checkpoints/step-NNNNNN folder")
+        raise TunerError(
+            f"train.resume: {resume} is not a complete tuner checkpoint folder; "
+            "use 'latest' or a checkpoints/step-NNNNNN folder"
+        )
     return path
 
 
@@ -51,8 +56,9 @@ def read_state(checkpoint: Path) -> dict:
     return json.loads((checkpoint / STATE_FILE).read_text())
 
 
-def write_checkpoint(output_dir: Path, step: int, save_contents, state: dict,
-                     is_main: bool, keep: int) -> Path:
+def write_checkpoint(
+    output_dir: Path, step: int, save_contents, state: dict, is_main: bool, keep: int
+) -> Path:
     """save_contents(tmp_dir) writes everything; then the folder is published atomically."""
     root = Path(output_dir) / "checkpoints"
     final = root / step_dir_name(step)

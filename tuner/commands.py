@@ -7,8 +7,12 @@ def register(sub) -> None:
     """Each tool module adds its own subparser; missing modules are simply not offered."""
     import importlib
 
-    for name in ("tuner.tools.sample_cmd", "tuner.tools.export_cmd", "tuner.tools.eval_cmd",
-                 "tuner.tools.bench_cmd"):
+    for name in (
+        "tuner.tools.sample_cmd",
+        "tuner.tools.export_cmd",
+        "tuner.tools.eval_cmd",
+        "tuner.tools.bench_cmd",
+    ):
         try:
             module = importlib.import_module(name)
         except ModuleNotFoundError as exc:

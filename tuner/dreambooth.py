@@ -29,11 +29,15 @@ def instance_sources(recipe) -> list:
         return []
     folder = Path(db.instance_dir).expanduser()
     if not folder.is_dir():
-        raise TunerError(f"dreambooth.instance_dir: {db.instance_dir} not found; point it at a "
-                         "folder of 3-30 photos of the subject")
+        raise TunerError(
+            f"dreambooth.instance_dir: {db.instance_dir} not found; point it at a "
+            "folder of 3-30 photos of the subject"
+        )
     if not any(p.suffix.lower() in IMAGE_EXTS for p in folder.rglob("*")):
-        raise TunerError(f"dreambooth.instance_dir: {db.instance_dir} has no images "
-                         "(jpg, png, webp, bmp); add photos of the subject")
+        raise TunerError(
+            f"dreambooth.instance_dir: {db.instance_dir} has no images "
+            "(jpg, png, webp, bmp); add photos of the subject"
+        )
     entry = DatasetEntry(path=str(folder), default_caption=db.instance_prompt)
     return [(entry, None)]
 
@@ -93,11 +97,17 @@ def generate_class_images(recipe, family, comps, folder: Path, device) -> int:
     size = recipe.data.resolution
     bar = tqdm(total=len(todo), desc="generating class images", unit="img")
     for start in range(0, len(todo), db.class_generation_batch):
-        chunk = todo[start:start + db.class_generation_batch]
+        chunk = todo[start : start + db.class_generation_batch]
         cells = [Cell(db.class_prompt, recipe.train.seed * 100_003 + i) for i in chunk]
-        images = render_batch(pipe, cells, steps=db.class_generation_steps,
-                              guidance=recipe.sample.guidance, width=size, height=size,
-                              device=device)
+        images = render_batch(
+            pipe,
+            cells,
+            steps=db.class_generation_steps,
+            guidance=recipe.sample.guidance,
+            width=size,
+            height=size,
+            device=device,
+        )
         for index, cell, image in zip(chunk, cells, images):
             path = class_image_path(folder, index)
             tmp = path.with_name(f".{path.name}.tmp")
@@ -106,6 +116,8 @@ def generate_class_images(recipe, family, comps, folder: Path, device) -> int:
             tmp.replace(path)
         bar.update(len(chunk))
     bar.close()
-    for module in (comps.vae, *comps.text_encoders.values()):
+    # All back to the CPU: caching next puts only the encoders it needs on the GPU (T5-XXL must
+    # not sit beside a Flux transformer).
+    for module in modules:
         module.to("cpu")
     return len(todo)

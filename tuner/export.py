@@ -24,16 +24,23 @@ DIFFUSERS_LORA = re.compile(
     r"^(?P<component>[a-z_0-9]+?)\.(?P<module>.+)\.(?P<kind>lora\.down|lora\.up|lora_A|lora_B|"
     r"lora_linear_layer\.down|lora_linear_layer\.up)\.weight$"
 )
-KOHYA_LORA = re.compile(r"^(?P<prefix>lora_[a-z0-9]+?)_(?P<module>[^.]+)\."
-                        r"(?P<kind>lora_down|lora_up|alpha)(?:\.weight)?$")
+KOHYA_LORA = re.compile(
+    r"^(?P<prefix>lora_[a-z0-9]+?)_(?P<module>[^.]+)\."
+    r"(?P<kind>lora_down|lora_up|alpha)(?:\.weight)?$"
+)
 DOWN_KINDS = ("lora.down", "lora_A", "lora_linear_layer.down")
 # A1111 and ComfyUI name CLIP text-encoder layers under the `text_model.` wrapper, which
 # transformers 5 dropped from CLIPTextModel; we always write the wrapper so webui loaders (and
 # diffusers, which accepts both) find every layer. T5 layers (`encoder.block.`) have no wrapper.
 CLIP_WITHOUT_WRAPPER = re.compile(r"^(encoder\.layers\.|embeddings\.|final_layer_norm\b)")
 # kohya's `ss_base_model_version` values, which webui front ends use to sort adapters by base.
-KOHYA_BASE_VERSIONS = {"sd15": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0", "sd3": "sd3",
-                       "flux": "flux1"}
+KOHYA_BASE_VERSIONS = {
+    "sd15": "sd_v1",
+    "sd2": "sd_v2",
+    "sdxl": "sdxl_base_v1-0",
+    "sd3": "sd3",
+    "flux": "flux1",
+}
 DIFFUSERS_ONLY_METADATA = ("lora_adapter_metadata", "format")
 
 
@@ -55,8 +62,10 @@ def adapter_format(state: dict[str, torch.Tensor]) -> str:
     if state and all(DIFFUSERS_LORA.match(k) for k in state):
         return "diffusers"
     odd = next((k for k in state if not (KOHYA_LORA.match(k) or DIFFUSERS_LORA.match(k))), "")
-    raise TunerError(f"not a plain LoRA in diffusers or kohya layout (key {odd!r}); DoRA, LoHa "
-                     "and LoKr files are loaded by diffusers directly but not converted here")
+    raise TunerError(
+        f"not a plain LoRA in diffusers or kohya layout (key {odd!r}); DoRA, LoHa "
+        "and LoKr files are loaded by diffusers directly but not converted here"
+    )
 
 
 def lora_configs(metadata: dict[str, str]) -> dict[str, dict]:
@@ -87,16 +96,19 @@ def kohya_module_name(component: str, module: str, prefixes: dict[str, str]) -> 
     return f"{prefixes[component]}_{module.replace('.', '_')}"
 
 
-def to_kohya(state: dict[str, torch.Tensor], metadata: dict[str, str],
-             prefixes: dict[str, str]) -> dict[str, torch.Tensor]:
+def to_kohya(
+    state: dict[str, torch.Tensor], metadata: dict[str, str], prefixes: dict[str, str]
+) -> dict[str, torch.Tensor]:
     """diffusers-format LoRA -> kohya names with `.alpha` tensors."""
     configs = lora_configs(metadata)
     out: dict[str, torch.Tensor] = {}
     for key, tensor in state.items():
         match = DIFFUSERS_LORA.match(key)
         if match is None:
-            raise TunerError(f"cannot convert key {key!r} to kohya (DoRA and LoHa/LoKr adapters "
-                             "have no kohya layout here); export the diffusers format instead")
+            raise TunerError(
+                f"cannot convert key {key!r} to kohya (DoRA and LoHa/LoKr adapters "
+                "have no kohya layout here); export the diffusers format instead"
+            )
         component, module = match["component"], match["module"]
         if component not in prefixes:
             raise TunerError(f"no kohya prefix for component {component!r}")
@@ -120,8 +132,10 @@ def kohya_names(family, comps) -> dict[str, tuple[str, str]]:
             if module:
                 plain = f"{family.kohya_prefixes[component]}_{module.replace('.', '_')}"
                 names[plain] = (component, module)
-                names[kohya_module_name(component, module, family.kohya_prefixes)] = (component,
-                                                                                      module)
+                names[kohya_module_name(component, module, family.kohya_prefixes)] = (
+                    component,
+                    module,
+                )
     return names
 
 
@@ -143,8 +157,10 @@ def kohya_to_diffusers(kohya: dict[str, torch.Tensor], names: dict[str, tuple[st
         modules[key.split(".", 1)[0]][match["kind"]] = tensor
     unknown = sorted(m for m in modules if m not in names)
     if unknown:
-        raise TunerError(f"{len(unknown)} kohya modules (e.g. {unknown[0]}) name no layer of the "
-                         "base model; use the base model the adapter was trained on")
+        raise TunerError(
+            f"{len(unknown)} kohya modules (e.g. {unknown[0]}) name no layer of the "
+            "base model; use the base model the adapter was trained on"
+        )
     by_component: dict[str, dict[str, dict]] = defaultdict(dict)
     for kohya_module, parts in modules.items():
         if "lora_down" not in parts or "lora_up" not in parts:
@@ -152,8 +168,12 @@ def kohya_to_diffusers(kohya: dict[str, torch.Tensor], names: dict[str, tuple[st
         component, module = names[kohya_module]
         rank = parts["lora_down"].shape[0]
         alpha = float(parts["alpha"]) if "alpha" in parts else float(rank)  # kohya default
-        by_component[component][module] = {"down": parts["lora_down"], "up": parts["lora_up"],
-                                           "rank": rank, "alpha": alpha}
+        by_component[component][module] = {
+            "down": parts["lora_down"],
+            "up": parts["lora_up"],
+            "rank": rank,
+            "alpha": alpha,
+        }
     layers, configs = {}, {}
     for component, entries in by_component.items():
         uniform = len({(e["rank"], e["alpha"]) for e in entries.values()}) == 1
@@ -166,8 +186,13 @@ def kohya_to_diffusers(kohya: dict[str, torch.Tensor], names: dict[str, tuple[st
             if e["rank"] != rank:
                 odd_ranks[module] = e["rank"]
         alpha = next(iter(entries.values()))["alpha"] if uniform else float(rank)
-        config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=sorted(entries),
-                            rank_pattern=odd_ranks, alpha_pattern=dict(odd_ranks))
+        config = LoraConfig(
+            r=rank,
+            lora_alpha=alpha,
+            target_modules=sorted(entries),
+            rank_pattern=odd_ranks,
+            alpha_pattern=dict(odd_ranks),
+        )
         layers[component] = convert_state_dict_to_diffusers(state)
         configs[component] = config.to_dict()
     return layers, configs
@@ -175,8 +200,8 @@ def kohya_to_diffusers(kohya: dict[str, torch.Tensor], names: dict[str, tuple[st
 
 def kohya_scales_uniform(kohya: dict[str, torch.Tensor]) -> bool:
     """True when every module under each prefix has one rank and one alpha: the only case
-    diffusers' own kohya loader scales right (it keys per-module alphas to names that match
-    no layer, so mixed alphas silently become one)."""
+    diffusers' own kohya loader scales right for SD (it keys per-module alphas to names that
+    match no layer, so mixed alphas silently become one)."""
     pairs = defaultdict(set)
     for key, tensor in kohya.items():
         if key.endswith(".lora_down.weight"):
@@ -204,8 +229,10 @@ def write_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: di
 def training_metadata(recipe, family, steps: int, tag_counts: dict[str, int]) -> dict[str, str]:
     """kohya `ss_*` keys where kohya has them, modelspec keys, and our own `tuner_*` keys."""
     adapter, data, train = recipe.adapter, recipe.data, recipe.train
-    trigger = sorted({e.prefix.strip(" ,") for e in data.datasets if e.prefix.strip(" ,")} |
-                     ({recipe.dreambooth.instance_prompt} if recipe.dreambooth else set()))
+    trigger = sorted(
+        {e.prefix.strip(" ,") for e in data.datasets if e.prefix.strip(" ,")}
+        | ({recipe.dreambooth.instance_prompt} if recipe.dreambooth else set())
+    )
     title = recipe.output.name or Path(recipe.output.dir).name
     resolution = f"{data.resolution}x{data.resolution}"
     prediction = recipe.model.prediction_type or getattr(family, "prediction_type", None)

@@ -20,7 +20,7 @@ from diffusers.training_utils import (
     compute_loss_weighting_for_sd3,
 )
 
-from tuner.objectives import TrainingInputs, sample_noise
+from tuner.objectives import TrainingInputs, sample_noise, shared_draw
 
 
 class FlowMatchObjective:
@@ -31,10 +31,20 @@ class FlowMatchObjective:
     None with resolution_shift=True for the Flux shift computed per batch from its latent size.
     """
 
-    def __init__(self, scheduler, *, sampling: str = "logit_normal", logit_mean: float = 0.0,
-                 logit_std: float = 1.0, mode_scale: float = 1.29, shift: float = 1.0,
-                 resolution_shift: bool = False, weighting: str = "none",
-                 noise_offset: float = 0.0, patch_size: int = 2):
+    def __init__(
+        self,
+        scheduler,
+        *,
+        sampling: str = "logit_normal",
+        logit_mean: float = 0.0,
+        logit_std: float = 1.0,
+        mode_scale: float = 1.29,
+        shift: float = 1.0,
+        resolution_shift: bool = False,
+        weighting: str = "none",
+        noise_offset: float = 0.0,
+        patch_size: int = 2,
+    ):
         self.scheduler = scheduler
         self.sampling, self.weighting = sampling, weighting
         self.logit_mean, self.logit_std, self.mode_scale = logit_mean, logit_std, mode_scale
@@ -52,8 +62,14 @@ class FlowMatchObjective:
         elif scheme == "uniform":
             scheme = "none"  # diffusers' name for plain U(0, 1)
         return compute_density_for_timestep_sampling(
-            scheme, batch, logit_mean=mean, logit_std=self.logit_std,
-            mode_scale=self.mode_scale, device=device, generator=generator)
+            scheme,
+            batch,
+            logit_mean=mean,
+            logit_std=self.logit_std,
+            mode_scale=self.mode_scale,
+            device=device,
+            generator=generator,
+        )
 
     def image_seq_len(self, latent_shape) -> int:
         height, width = latent_shape[-2:]
@@ -61,10 +77,13 @@ class FlowMatchObjective:
 
     def mu(self, latent_shape) -> float:
         config = self.scheduler.config
-        return calculate_shift(self.image_seq_len(latent_shape),
-                               config.get("base_image_seq_len", 256),
-                               config.get("max_image_seq_len", 4096),
-                               config.get("base_shift", 0.5), config.get("max_shift", 1.15))
+        return calculate_shift(
+            self.image_seq_len(latent_shape),
+            config.get("base_image_seq_len", 256),
+            config.get("max_image_seq_len", 4096),
+            config.get("base_shift", 0.5),
+            config.get("max_shift", 1.15),
+        )
 
     def shift_sigmas(self, u: torch.Tensor, latent_shape) -> torch.Tensor:
         if self.resolution_shift:
@@ -79,22 +98,30 @@ class FlowMatchObjective:
             return None
         return compute_loss_weighting_for_sd3(self.weighting, sigmas=sigmas)
 
-    def inputs_at(self, latents: torch.Tensor, noise: torch.Tensor,
-                  sigmas: torch.Tensor) -> TrainingInputs:
+    def inputs_at(
+        self, latents: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor
+    ) -> TrainingInputs:
         """The training inputs at given sigmas (one per sample)."""
         s = sigmas.to(latents.dtype).view(-1, *([1] * (latents.ndim - 1)))
         noisy = (1.0 - s) * latents + s * noise
         timesteps = sigmas * self.num_timesteps
         return TrainingInputs(noisy, timesteps, noise - latents, self.weight(sigmas))
 
-    def sample(self, latents: torch.Tensor, generator: torch.Generator) -> TrainingInputs:
-        noise = sample_noise(latents, generator, self.noise_offset)
-        u = self.draw_u(latents.shape[0], generator, latents.device)
+    def sample(
+        self, latents: torch.Tensor, generator: torch.Generator, share: tuple[int, int] = (0, 1)
+    ) -> TrainingInputs:
+        """share = (rank, world): draws cover the global batch, so N processes see what one
+        process with N times the batch would."""
+        noise = sample_noise(latents, generator, self.noise_offset, share)
+        u = shared_draw(
+            lambda n: self.draw_u(n, generator, latents.device), latents.shape[0], share
+        )
         return self.inputs_at(latents, noise, self.shift_sigmas(u, latents.shape))
 
 
-def build_flow_objective(scheduler, train, *, default_shift: float,
-                         default_resolution_shift: bool) -> FlowMatchObjective:
+def build_flow_objective(
+    scheduler, train, *, default_shift: float, default_resolution_shift: bool
+) -> FlowMatchObjective:
     """The recipe's train section -> objective. An explicit train.shift turns the resolution
     shift off unless train.resolution_shift asks for it."""
     resolution_shift = train.resolution_shift

@@ -28,7 +28,7 @@ class KeyBatches(Sampler):
                 batch = batches[position]
                 position += 1
                 share = -(-len(batch) // self.world)
-                mine = batch[self.rank * share:(self.rank + 1) * share]
+                mine = batch[self.rank * share : (self.rank + 1) * share]
                 if len(batch) < self.world:
                     continue  # a leftover too small to give every process a sample
                 yield [(index, epoch, position) for index in mine]
@@ -53,13 +53,22 @@ class KeyedDataset:
 
 
 def batch_stream(dataset, sampler, state: dict, accelerator, num_workers: int):
-    key_batches = KeyBatches(sampler, state["epoch"], state["position"],
-                             accelerator.process_index, accelerator.num_processes)
-    loader = DataLoader(KeyedDataset(dataset), batch_sampler=key_batches,
-                        collate_fn=collate_with_position, num_workers=num_workers,
-                        pin_memory=accelerator.device.type == "cuda",
-                        persistent_workers=num_workers > 0,
-                        # Its own generator: creating the iterator must not draw from the
-                        # global RNG, or a resumed run's LoRA dropout would drift.
-                        generator=torch.Generator().manual_seed(sampler.seed))
+    key_batches = KeyBatches(
+        sampler,
+        state["epoch"],
+        state["position"],
+        accelerator.process_index,
+        accelerator.num_processes,
+    )
+    loader = DataLoader(
+        KeyedDataset(dataset),
+        batch_sampler=key_batches,
+        collate_fn=collate_with_position,
+        num_workers=num_workers,
+        pin_memory=accelerator.device.type == "cuda",
+        persistent_workers=num_workers > 0,
+        # Its own generator: creating the iterator must not draw from the
+        # global RNG, or a resumed run's LoRA dropout would drift.
+        generator=torch.Generator().manual_seed(sampler.seed),
+    )
     return iter(loader)

@@ -21,17 +21,39 @@ def shared_draw(draw, batch: int, share: tuple[int, int]):
     """Draw for the whole global batch and keep this process's slice, so N processes with
     batch b get exactly the noise 1 process with batch N*b gets. share = (rank, world)."""
     rank, world = share
-    return draw(batch * world)[rank * batch:(rank + 1) * batch]
+    return draw(batch * world)[rank * batch : (rank + 1) * batch]
 
 
-def sample_noise(latents: torch.Tensor, generator: torch.Generator, offset: float,
-                 share: tuple[int, int] = (0, 1)) -> torch.Tensor:
+def streams(generator: torch.Generator, count: int) -> list[torch.Generator]:
+    """Independent generators per kind of draw (noise, timesteps, ...), derived from the step's
+    generator. Separate streams keep sample i's draws the same whatever the batch size, so
+    adding DreamBooth prior samples to a batch leaves the instance samples' noise unchanged."""
+    base = generator.initial_seed()
+    return [
+        torch.Generator(generator.device).manual_seed(base * 7919 + 104_729 * (i + 1))
+        for i in range(count)
+    ]
+
+
+def sample_noise(
+    latents: torch.Tensor,
+    generator: torch.Generator,
+    offset: float,
+    share: tuple[int, int] = (0, 1),
+    offset_generator: torch.Generator | None = None,
+) -> torch.Tensor:
     b, c = latents.shape[:2]
-    kwargs = {"generator": generator, "device": latents.device, "dtype": latents.dtype}
-    noise = shared_draw(lambda n: torch.randn((n, *latents.shape[1:]), **kwargs), b, share)
+    kwargs = {"device": latents.device, "dtype": latents.dtype}
+    noise = shared_draw(
+        lambda n: torch.randn((n, *latents.shape[1:]), generator=generator, **kwargs), b, share
+    )
     if offset:
         # Noise offset: a per-channel constant shift lets the model learn very dark/bright images.
-        shift = shared_draw(lambda n: torch.randn((n, c, 1, 1), **kwargs), b, share)
+        shift = shared_draw(
+            lambda n: torch.randn((n, c, 1, 1), **kwargs, generator=offset_generator or generator),
+            b,
+            share,
+        )
         noise = noise + offset * shift
     return noise
 
@@ -61,16 +83,22 @@ class DDPMObjective:
         # Min-SNR (Hang et al. 2023); v-prediction's loss already carries a factor snr + 1.
         return clipped / (snr + 1) if self.prediction_type == "v_prediction" else clipped / snr
 
-    def sample(self, latents: torch.Tensor, generator: torch.Generator,
-               share: tuple[int, int] = (0, 1)) -> TrainingInputs:
-        noise = sample_noise(latents, generator, self.noise_offset, share)
-        timesteps = shared_draw(lambda n: torch.randint(0, self.num_timesteps, (n,),
-                                                        generator=generator,
-                                                        device=latents.device),
-                                latents.shape[0], share)
+    def sample(
+        self, latents: torch.Tensor, generator: torch.Generator, share: tuple[int, int] = (0, 1)
+    ) -> TrainingInputs:
+        noise_gen, time_gen, offset_gen = streams(generator, 3)
+        noise = sample_noise(latents, noise_gen, self.noise_offset, share, offset_gen)
+        timesteps = shared_draw(
+            lambda n: torch.randint(
+                0, self.num_timesteps, (n,), generator=time_gen, device=latents.device
+            ),
+            latents.shape[0],
+            share,
+        )
         noisy = self.scheduler.add_noise(latents, noise, timesteps)
-        return TrainingInputs(noisy, timesteps, self.target(latents, noise, timesteps),
-                              self.weight(timesteps))
+        return TrainingInputs(
+            noisy, timesteps, self.target(latents, noise, timesteps), self.weight(timesteps)
+        )
 
 
 def weighted_mse(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None):

@@ -17,13 +17,19 @@ def build_optimizer(groups: list[dict], train, device: torch.device):
         try:
             import bitsandbytes as bnb
         except Exception as exc:  # ImportError, or a broken CUDA setup raising at import
-            raise TunerError(f"train.optimizer: adamw8bit needs bitsandbytes, which failed to "
-                             f"load ({type(exc).__name__}: {str(exc).splitlines()[0][:120]}); "
-                             "pip install bitsandbytes, or use train.optimizer=adamw") from None
+            raise TunerError(
+                f"train.optimizer: adamw8bit needs bitsandbytes, which failed to "
+                f"load ({type(exc).__name__}: {str(exc).splitlines()[0][:120]}); "
+                "pip install bitsandbytes, or use train.optimizer=adamw"
+            ) from None
         return bnb.optim.AdamW8bit(groups, lr=train.lr, **kwargs)
     raise TunerError(f"train.optimizer: unknown optimizer {train.optimizer!r}")
 
 
 def build_scheduler(optimizer, train):
-    return get_scheduler(train.lr_scheduler, optimizer, num_warmup_steps=train.warmup_steps,
-                         num_training_steps=train.steps)
+    return get_scheduler(
+        train.lr_scheduler,
+        optimizer,
+        num_warmup_steps=train.warmup_steps,
+        num_training_steps=train.steps,
+    )

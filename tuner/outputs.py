@@ -18,16 +18,20 @@ FINISHED = "tuner_finished.json"
 def prepare_output_dir(recipe, output_dir: Path, resuming: bool) -> None:
     """Refuse to overwrite a finished run; check the folder is writable; save the recipe."""
     if (output_dir / FINISHED).is_file() and not (recipe.output.overwrite or resuming):
-        raise TunerError(f"output.dir: {output_dir} holds a finished run; choose another "
-                         "output.dir, or set output.overwrite=true to replace it")
+        raise TunerError(
+            f"output.dir: {output_dir} holds a finished run; choose another "
+            "output.dir, or set output.overwrite=true to replace it"
+        )
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
         probe = output_dir / f".write-test-{os.getpid()}"
         probe.write_text("ok")
         probe.unlink()
     except OSError as exc:
-        raise TunerError(f"output.dir: cannot write to {output_dir} ({exc.strerror or exc}); "
-                         "choose a writable folder") from None
+        raise TunerError(
+            f"output.dir: cannot write to {output_dir} ({exc.strerror or exc}); "
+            "choose a writable folder"
+        ) from None
     (output_dir / FINISHED).unlink(missing_ok=True)
     write_text_atomic(output_dir / "recipe.yaml", recipe.to_yaml())
 
@@ -38,8 +42,9 @@ def write_text_atomic(path: Path, text: str) -> None:
     tmp.replace(path)
 
 
-def finish_outputs(recipe, output_dir: Path, family, comps, trained, accelerator, steps: int,
-                   report) -> None:
+def finish_outputs(
+    recipe, output_dir: Path, family, comps, trained, accelerator, steps: int, report
+) -> None:
     """Final adapter in every requested format, the final grid, the model card."""
     from tuner.sample import training_grid
 
@@ -60,12 +65,23 @@ def finish_outputs(recipe, output_dir: Path, family, comps, trained, accelerator
     log.info("adapter saved to %s", output_dir)
 
 
+def load_snippet(recipe, family) -> str:
+    if recipe.model.path.startswith("builtin:"):
+        # Builtin models are built by tuner, not downloaded: load them through tuner.
+        return f'import tuner\npipe = tuner.load_pipeline("{recipe.model.path}")'
+    name = family.pipeline_class.__name__
+    return f'from diffusers import {name}\npipe = {name}.from_pretrained("{recipe.model.path}")'
+
+
 def model_card(recipe, family, steps: int, grid: Path | None) -> str:
     triggers = sorted({e.prefix for e in recipe.data.datasets if e.prefix})
     if recipe.dreambooth:
         triggers.append(recipe.dreambooth.instance_prompt)
-    grid_line = f"![samples]({grid.relative_to(Path(recipe.output.dir)).as_posix()})" if grid \
+    grid_line = (
+        f"![samples]({grid.relative_to(Path(recipe.output.dir)).as_posix()})"
+        if grid
         else "(no sample prompts in the recipe)"
+    )
     a, t = recipe.adapter, recipe.train
     return f"""# {recipe.output.name or Path(recipe.output.dir).name}
 
@@ -86,10 +102,11 @@ A LoRA adapter for `{recipe.model.path}` ({family.name}), trained with tuner.
 diffusers:
 
 ```python
-from diffusers import {family.pipeline_class.__name__}
-pipe = {family.pipeline_class.__name__}.from_pretrained("{recipe.model.path}")
+{load_snippet(recipe, family)}
 pipe.load_lora_weights("{recipe.output.dir}")
 ```
+
+tuner: `tuner sample {recipe.model.path} --lora {recipe.output.dir}:0.8 --prompt "..." --out DIR`
 
 ComfyUI / A1111 / Forge: copy `pytorch_lora_weights_kohya.safetensors` into `models/loras/`
 and load it with a LoRA loader node (ComfyUI) or `<lora:NAME:0.8>` (A1111).

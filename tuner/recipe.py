@@ -99,7 +99,9 @@ class DataSection(Section):
     @classmethod
     def _multiple_of_8(cls, value: int) -> int:
         if value % 8:
-            raise ValueError(f"resolution {value} is not a multiple of 8; use e.g. {value // 8 * 8}")
+            raise ValueError(
+                f"resolution {value} is not a multiple of 8; use e.g. {value // 8 * 8}"
+            )
         if value > 4096:
             raise ValueError(f"resolution {value} is absurd for these models; use at most 4096")
         return value
@@ -231,7 +233,9 @@ def load_recipe(path: str | Path, overrides: tuple[str, ...] | list[str] = ()) -
     except yaml.YAMLError as exc:
         raise TunerError(f"{path}: not valid YAML ({_first_line(exc)})") from None
     if not isinstance(raw, dict):
-        raise TunerError(f"{path}: a recipe must be a mapping of sections, got {type(raw).__name__}")
+        raise TunerError(
+            f"{path}: a recipe must be a mapping of sections, got {type(raw).__name__}"
+        )
     raw = apply_overrides(raw, overrides, source=str(path))
     return validate_recipe(raw, source=str(path))
 
@@ -333,8 +337,12 @@ def describe_error(err: dict) -> str:
     if kind == "literal_error":
         return f"{dotted}: expected one of {err['ctx']['expected']}, got {_show(value)}"
     if kind in ("greater_than_equal", "greater_than", "less_than_equal", "less_than"):
-        op = {"greater_than_equal": ">=", "greater_than": ">", "less_than_equal": "<=",
-              "less_than": "<"}[kind]
+        op = {
+            "greater_than_equal": ">=",
+            "greater_than": ">",
+            "less_than_equal": "<=",
+            "less_than": "<",
+        }[kind]
         bound = next(iter(err["ctx"].values()))
         return f"{dotted}: expected a value {op} {bound}, got {_show(value)}"
     if kind == "value_error":

@@ -7,7 +7,6 @@ import inspect
 import json
 import logging
 import math
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -85,14 +84,28 @@ def pipeline_default(pipe, argument: str):
 
 
 @torch.no_grad()
-def render_batch(pipe, cells: list[Cell], *, steps: int, guidance: float | None,
-                 negative_prompt: str = "", width: int | None, height: int | None,
-                 device) -> list[Image.Image]:
+def render_batch(
+    pipe,
+    cells: list[Cell],
+    *,
+    steps: int,
+    guidance: float | None,
+    negative_prompt: str = "",
+    width: int | None,
+    height: int | None,
+    device,
+) -> list[Image.Image]:
     """One pipeline call for cells sharing a scale; one generator per cell, so each image is
     the same as rendering it alone. None settings keep the pipeline's defaults."""
     generators = [torch.Generator(device).manual_seed(cell.seed) for cell in cells]
-    kwargs = {"num_inference_steps": steps, "guidance_scale": guidance, "width": width,
-              "height": height, "generator": generators, "output_type": "pil"}
+    kwargs = {
+        "num_inference_steps": steps,
+        "guidance_scale": guidance,
+        "width": width,
+        "height": height,
+        "generator": generators,
+        "output_type": "pil",
+    }
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
     if negative_prompt:
         kwargs["negative_prompt"] = [negative_prompt] * len(cells)
@@ -114,160 +127,23 @@ def png_info(settings: dict) -> PngInfo:
 
 
 def a1111_parameters(s: dict) -> str:
-    loras = " ".join(f"<lora:{Path(lora['path']).stem}:{lora['scale'] * s.get('scale', 1):g}>"
-                     for lora in s.get("loras", []))
+    loras = " ".join(
+        f"<lora:{Path(lora['path']).stem}:{lora['scale'] * s.get('scale', 1):g}>"
+        for lora in s.get("loras", [])
+    )
     lines = [f"{s['prompt']} {loras}".strip()]
     if s.get("negative_prompt"):
         lines.append(f"Negative prompt: {s['negative_prompt']}")
-    fields = {"Steps": s.get("steps"), "Sampler": s.get("scheduler"),
-              "CFG scale": s.get("guidance"), "Seed": s.get("seed"),
-              "Size": f"{s.get('width')}x{s.get('height')}", "Model": s.get("model")}
+    fields = {
+        "Steps": s.get("steps"),
+        "Sampler": s.get("scheduler"),
+        "CFG scale": s.get("guidance"),
+        "Seed": s.get("seed"),
+        "Size": f"{s.get('width')}x{s.get('height')}",
+        "Model": s.get("model"),
+    }
     lines.append(", ".join(f"{k}: {v}" for k, v in fields.items() if v is not None))
     return "\n".join(lines)
-
-
-# --- base models and adapters loaded through diffusers ----------------------------------------
-
-
-@dataclass
-class LoraSpec:
-    """One adapter file as the pipeline knows it."""
-
-    path: Path
-    scale: float
-    name: str  # adapter name inside the pipeline (unique)
-    label: str  # what grids and metadata call it
-
-
-@dataclass
-class AdapterChoice:
-    """A set of adapters active together (one grid column, or all of `tuner sample --lora`)."""
-
-    label: str
-    loras: list[LoraSpec]
-    step: int | None = None
-
-
-def parse_lora(text: str) -> tuple[str, float]:
-    """'PATH' or 'PATH:SCALE' -> (path, scale)."""
-    path, sep, tail = text.rpartition(":")
-    if sep and path:
-        try:
-            return path, float(tail)
-        except ValueError:
-            pass
-    return text, 1.0
-
-
-def adapter_file(path: str | Path) -> Path:
-    """An output dir (its diffusers file, else its kohya file) or a .safetensors file."""
-    from tuner.adapters import KOHYA_WEIGHT_NAME, WEIGHT_NAME
-
-    found = Path(path).expanduser()
-    if found.is_dir():
-        for name in (WEIGHT_NAME, KOHYA_WEIGHT_NAME):
-            if (found / name).is_file():
-                return found / name
-        raise TunerError(f"{path}: no {WEIGHT_NAME} or {KOHYA_WEIGHT_NAME} in this folder; give "
-                         "a training output dir or a .safetensors adapter file")
-    if found.is_file() and found.suffix == ".safetensors":
-        return found
-    raise TunerError(f"{path}: adapter not found; give a training output dir or a .safetensors "
-                     "adapter file (diffusers or kohya layout)")
-
-
-def lora_specs(texts: list[str]) -> list[LoraSpec]:
-    specs = []
-    for i, text in enumerate(texts):
-        path, scale = parse_lora(text)
-        file = adapter_file(path)
-        label = Path(path).resolve().name if Path(path).is_dir() else file.stem
-        if any(spec.label == label for spec in specs):
-            label = f"{label}#{i + 1}"  # grid columns and the index need distinct labels
-        specs.append(LoraSpec(file, scale, f"adapter{i}", label))
-    return specs
-
-
-def load_base(model_path: str, family_name: str | None = None, dtype=torch.float32):
-    """(family, pipeline) for a hub id, folder, single file or builtin."""
-    from tuner import families
-    from tuner.recipe import ModelSection
-
-    model = ModelSection(path=model_path, family=family_name)
-    family = families.for_model(model)
-    pipe = family.build_pipeline(family.load(model, dtype))
-    pipe.set_progress_bar_config(disable=True)
-    return family, pipe
-
-
-def load_adapters(pipe, family, specs: list[LoraSpec]) -> None:
-    """Each file through diffusers' own loader, under its own name; every LoRA module in the
-    file must land on a layer (a silently dropped key is the classic 'lora key not loaded')."""
-    from tuner.export import DOWN_KINDS, adapter_format, kohya_scales_uniform, read_adapter
-
-    for spec in specs:
-        state, _ = read_adapter(spec.path)
-        kind = adapter_format(state)
-        with tempfile.TemporaryDirectory(prefix="tuner-lora-") as tmp:
-            file = spec.path
-            if kind == "kohya" and not kohya_scales_uniform(state):
-                file = kohya_file_as_diffusers(pipe, family, state, Path(tmp))
-            _load_lora_file(pipe, file, spec)
-        kinds = ("lora_down",) if kind == "kohya" else DOWN_KINDS
-        expected = sum(1 for key in state if any(f".{k}." in key for k in kinds))
-        loaded = count_lora_layers(pipe, spec.name)
-        if loaded != expected:
-            raise TunerError(f"{spec.path}: only {loaded} of {expected} LoRA modules matched "
-                             "layers of the base model; was it trained on another base model?")
-
-
-def _load_lora_file(pipe, file: Path, spec: LoraSpec) -> None:
-    try:
-        pipe.load_lora_weights(str(file.parent), weight_name=file.name, adapter_name=spec.name)
-    except (ValueError, KeyError, RuntimeError, TypeError) as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
-        raise TunerError(f"{spec.path}: diffusers could not load this adapter into the base "
-                         f"model ({first}); is it for this model family?") from None
-
-
-def kohya_file_as_diffusers(pipe, family, kohya: dict, folder: Path) -> Path:
-    """A kohya file whose modules have different alphas or ranks, converted by us (per-module
-    scales kept exactly) into a diffusers file that diffusers loads right."""
-    from tuner.adapters import WEIGHT_NAME
-    from tuner.export import kohya_names, kohya_to_diffusers
-
-    comps = family.components_from_pipeline(pipe, identity="")
-    layers, configs = kohya_to_diffusers(kohya, kohya_names(family, comps))
-    family.save_lora(folder, layers, configs, WEIGHT_NAME)
-    return folder / WEIGHT_NAME
-
-
-def count_lora_layers(pipe, adapter_name: str) -> int:
-    from peft.tuners.lora import LoraLayer
-
-    return sum(1 for module in pipeline_modules(pipe) for layer in module.modules()
-               if isinstance(layer, LoraLayer) and adapter_name in layer.lora_A)
-
-
-def activate(pipe, choice: AdapterChoice) -> None:
-    if choice.loras:
-        pipe.set_adapters([s.name for s in choice.loras],
-                          adapter_weights=[s.scale for s in choice.loras])
-
-
-def render_cells(pipe, cells: list[Cell], choices: dict[str, AdapterChoice], *,
-                 batch_size: int = 4, **settings) -> None:
-    """Fill every cell's image; cells with the same adapters and scale share pipeline calls.
-    A cell's scale multiplies the weight of each of its adapters (0 = the base model)."""
-    groups: dict[tuple, list[Cell]] = {}
-    for cell in cells:
-        groups.setdefault((cell.adapter, cell.scale), []).append(cell)
-    for (adapter, _), group in groups.items():
-        activate(pipe, choices[adapter])
-        for start in range(0, len(group), batch_size):
-            chunk = group[start:start + batch_size]
-            for cell, image in zip(chunk, render_batch(pipe, chunk, **settings), strict=True):
-                cell.image = image
 
 
 # --- grids -------------------------------------------------------------------------------
@@ -277,36 +153,44 @@ MIN_CELL = 192  # cells are upscaled (nearest) to at least this, so labels fit a
 GAP = 4
 
 
-def grid_cells(prompts: list[str], seeds: list[int], scales: list[float],
-               choices: dict[str, AdapterChoice]) -> list[Cell]:
-    return [Cell(prompt, seed, scale, choice.step, label) for label, choice in choices.items()
-            for prompt in prompts for seed in seeds for scale in scales]
-
-
 def check_axes(cells: list[Cell], rows: tuple[str, ...], cols: tuple[str, ...]) -> None:
+    """Known axes, none in both rows and cols, and one cell per place (an axis that varies may
+    stay off the grid only when the chosen axes determine it, e.g. adapter by step)."""
     for axis in rows + cols:
         if axis not in AXES:
             raise TunerError(f"grid axis {axis!r}: choose from {', '.join(AXES)}")
     if set(rows) & set(cols):
         raise TunerError(f"grid axes {sorted(set(rows) & set(cols))} are in both rows and cols")
-    for axis in AXES:
-        values = {getattr(cell, axis) for cell in cells}
-        if len(values) > 1 and axis not in rows + cols:
-            raise TunerError(f"grid: {axis} has {len(values)} values but is in neither --rows "
-                             f"nor --cols; add it to one of them")
+    places = {tuple(getattr(cell, a) for a in rows + cols) for cell in cells}
+    if len(places) < len(cells):
+        hidden = [
+            a
+            for a in AXES
+            if a not in rows + cols and len({getattr(cell, a) for cell in cells}) > 1
+        ]
+        raise TunerError(
+            f"grid: {' and '.join(hidden)} {'varies' if len(hidden) == 1 else 'vary'}"
+            " but is in neither --rows nor --cols; add it to one of them"
+        )
 
 
 def label_lines(cell: Cell, axes: tuple[str, ...]) -> list[str]:
     lines = []
     for axis in axes:
         value = getattr(cell, axis)
-        lines.append(f"{axis} {value:g}" if axis == "scale" else
-                     f"{axis} {value}" if axis in ("seed", "step") else str(value))
+        lines.append(
+            f"{axis} {value:g}"
+            if axis == "scale"
+            else f"{axis} {value}"
+            if axis in ("seed", "step")
+            else str(value)
+        )
     return lines
 
 
-def make_grid(cells: list[Cell], rows: tuple[str, ...], cols: tuple[str, ...],
-              min_cell: int = MIN_CELL):
+def make_grid(
+    cells: list[Cell], rows: tuple[str, ...], cols: tuple[str, ...], min_cell: int = MIN_CELL
+):
     """Lay out cells by their row and column keys; above each image, a band with one label
     line per axis. Returns (sheet, index); the index gives every cell's box and settings."""
     row_keys = list(dict.fromkeys(tuple(getattr(c, a) for a in rows) for c in cells))
@@ -317,30 +201,52 @@ def make_grid(cells: list[Cell], rows: tuple[str, ...], cols: tuple[str, ...],
     font = _font(max(11, width // 16))
     line_h = font.getbbox("Ag|")[3] + 3
     axes = rows + cols
-    label_h = line_h * len(axes) + 4
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    drawn = [
+        [part for line in label_lines(cell, axes) for part in _wrap(measure, line, font, width - 6)]
+        for cell in cells
+    ]
+    label_h = line_h * max(len(parts) for parts in drawn) + 4
     pitch_x, pitch_y = width + GAP, label_h + height + GAP
-    sheet = Image.new("RGB", (pitch_x * len(col_keys) - GAP, pitch_y * len(row_keys) - GAP),
-                      "white")
+    sheet = Image.new(
+        "RGB", (pitch_x * len(col_keys) - GAP, pitch_y * len(row_keys) - GAP), "white"
+    )
     draw = ImageDraw.Draw(sheet)
     index = []
-    for cell in cells:
+    for cell, parts in zip(cells, drawn, strict=True):
         r = row_keys.index(tuple(getattr(cell, a) for a in rows))
         c = col_keys.index(tuple(getattr(cell, a) for a in cols))
         x, y = c * pitch_x, r * pitch_y
         lines = label_lines(cell, axes)
-        for i, line in enumerate(lines):
-            draw.text((x + 3, y + 2 + i * line_h), _fit(draw, line, font, width - 6),
-                      fill="black", font=font)
+        for i, part in enumerate(parts):
+            draw.text((x + 3, y + 2 + i * line_h), part, fill="black", font=font)
         image = cell.image.convert("RGB")
         if factor > 1:
             image = image.resize((width, height), Image.NEAREST)
         sheet.paste(image, (x, y + label_h))
-        index.append({"row": r, "col": c, "label": " | ".join(lines), "lines": lines,
-                      "box": [x, y + label_h, width, height], "label_box": [x, y, width, label_h],
-                      **cell.settings()})
-    meta = {"rows": list(rows), "cols": list(cols), "n_rows": len(row_keys),
-            "n_cols": len(col_keys), "cell_width": width, "cell_height": height,
-            "label_height": label_h, "upscale": factor, "gap": GAP, "cells": index}
+        index.append(
+            {
+                "row": r,
+                "col": c,
+                "label": " | ".join(lines),
+                "lines": lines,
+                "box": [x, y + label_h, width, height],
+                "label_box": [x, y, width, label_h],
+                **cell.settings(),
+            }
+        )
+    meta = {
+        "rows": list(rows),
+        "cols": list(cols),
+        "n_rows": len(row_keys),
+        "n_cols": len(col_keys),
+        "cell_width": width,
+        "cell_height": height,
+        "label_height": label_h,
+        "upscale": factor,
+        "gap": GAP,
+        "cells": index,
+    }
     return sheet, meta
 
 
@@ -349,8 +255,12 @@ def save_grid(sheet: Image.Image, meta: dict, path: Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     meta = {**meta, "image": path.name}
-    sheet.save(path, pnginfo=png_info({"grid": meta["rows"] + meta["cols"],
-                                       "index": path.with_suffix(".json").name}))
+    sheet.save(
+        path,
+        pnginfo=png_info(
+            {"grid": meta["rows"] + meta["cols"], "index": path.with_suffix(".json").name}
+        ),
+    )
     path.with_suffix(".json").write_text(json.dumps(meta, indent=2))
     return path
 
@@ -360,6 +270,21 @@ def _font(size: int):
         return ImageFont.load_default(size=size)
     except TypeError:  # Pillow < 10.1 has one fixed-size default font
         return ImageFont.load_default()
+
+
+def _wrap(draw, text: str, font, width: int, max_lines: int = 2) -> list[str]:
+    """Greedy word wrap into at most max_lines; the last line is cut with an ellipsis."""
+    lines: list[str] = []
+    words = text.split(" ")
+    while words and len(lines) < max_lines - 1:
+        take = len(words)
+        while take > 1 and draw.textlength(" ".join(words[:take]), font=font) > width:
+            take -= 1
+        lines.append(_fit(draw, " ".join(words[:take]), font, width))
+        words = words[take:]
+    if words:
+        lines.append(_fit(draw, " ".join(words), font, width))
+    return lines or [""]
 
 
 def _fit(draw, text: str, font, width: int) -> str:
@@ -389,11 +314,16 @@ def training_grid(recipe, output_dir: Path, family, comps, step: int, accelerato
         for seed in recipe.sample.seeds:
             for scale in recipe.sample.scales:
                 cell = Cell(prompt, seed, scale, step)
-                cell.image = render(pipe, cell, steps=recipe.sample.steps,
-                                    guidance=recipe.sample.guidance,
-                                    negative_prompt=recipe.sample.negative_prompt,
-                                    width=recipe.sample.width or size,
-                                    height=recipe.sample.height or size, device=device)
+                cell.image = render(
+                    pipe,
+                    cell,
+                    steps=recipe.sample.steps,
+                    guidance=recipe.sample.guidance,
+                    negative_prompt=recipe.sample.negative_prompt,
+                    width=recipe.sample.width or size,
+                    height=recipe.sample.height or size,
+                    device=device,
+                )
                 cells.append(cell)
     comps.denoiser.train(was_training)
     for module in moved:

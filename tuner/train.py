@@ -90,8 +90,9 @@ def run_training(recipe: Recipe) -> TrainingResult:
     with accelerator.main_process_first():
         stats = build_cache(items + class_items, recipe.data, plan, family, comps, device)
     if accelerator.is_main_process and (plan.latents or plan.texts):
-        log.info("cache: %d hit, %d made, %d skipped", stats["hit"], stats["made"],
-                 len(report.skipped))
+        log.info(
+            "cache: %d hit, %d made, %d skipped", stats["hit"], stats["made"], len(report.skipped)
+        )
     place_frozen_modules(comps, plan, recipe, device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()  # report training's peak, not caching's
@@ -118,28 +119,46 @@ def run_training(recipe: Recipe) -> TrainingResult:
         log.info("resumed from %s at step %d", resume_from, state["step"])
 
     dataset = TrainDataset(items, recipe.data, plan, recipe.train.seed, class_items)
-    sampler = BucketBatchSampler([item.size for item in items],
-                                 recipe.train.batch_size * accelerator.num_processes,
-                                 seed=recipe.train.seed)
+    sampler = BucketBatchSampler(
+        [item.size for item in items],
+        recipe.train.batch_size * accelerator.num_processes,
+        seed=recipe.train.seed,
+    )
     batches = batch_stream(dataset, sampler, state, accelerator, recipe.data.num_workers)
     objective = family.objective(comps, recipe.train)
     if accelerator.is_main_process and recipe.log.to:
-        accelerator.init_trackers(recipe.log.project, config=flat_config(recipe),
-                                  init_kwargs=tracker_kwargs(recipe))
+        accelerator.init_trackers(
+            recipe.log.project, config=flat_config(recipe), init_kwargs=tracker_kwargs(recipe)
+        )
 
     # 5. Steps.
     stopper = GracefulStop()
     stats = {"log_times": [], "flops": None}
-    run_steps(recipe, accelerator, family, comps, trained, optimizer, scheduler,
-              objective, batches, state, stopper, output_dir, stats)
+    run_steps(
+        recipe,
+        accelerator,
+        family,
+        comps,
+        trained,
+        optimizer,
+        scheduler,
+        objective,
+        batches,
+        state,
+        stopper,
+        output_dir,
+        stats,
+    )
     peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else 0
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        finish_outputs(recipe, output_dir, family, comps, trained, accelerator, state["step"],
-                       report)
+        finish_outputs(
+            recipe, output_dir, family, comps, trained, accelerator, state["step"], report
+        )
     accelerator.end_training()
-    return TrainingResult(output_dir, family, comps, trained, state["step"], stats["log_times"],
-                          peak, stats["flops"])
+    return TrainingResult(
+        output_dir, family, comps, trained, state["step"], stats["log_times"], peak, stats["flops"]
+    )
 
 
 def cache_plan(recipe: Recipe, comps) -> CachePlan:
@@ -148,15 +167,19 @@ def cache_plan(recipe: Recipe, comps) -> CachePlan:
     latents = TensorCache(root, "latents") if data.cache else None
     crop = data.crop
     if latents is not None and crop == "random":
-        log.warning("data.crop=random is off while latents are cached (one crop is cached); "
-                    "set data.cache=false to train on random crops")
+        log.warning(
+            "data.crop=random is off while latents are cached (one crop is cached); "
+            "set data.cache=false to train on random crops"
+        )
         crop = "center"
     texts = TensorCache(root, "text") if data.cache else None
     if texts is not None and recipe.adapter.text_encoder:
         texts = None  # the text encoders train, so their outputs change every step
     if texts is not None and data.shuffle_tags:
-        log.warning("data.shuffle_tags makes every step's prompt different: prompts are "
-                    "encoded each step instead of cached")
+        log.warning(
+            "data.shuffle_tags makes every step's prompt different: prompts are "
+            "encoded each step instead of cached"
+        )
         texts = None
     return CachePlan(latents, texts, comps.identity, crop)
 
@@ -171,12 +194,22 @@ def place_frozen_modules(comps, plan: CachePlan, recipe: Recipe, device) -> None
 
 
 def parameter_groups(trained, family, recipe: Recipe) -> list[dict]:
-    groups = [{"params": adapters.trainable_parameters(trained[family.denoiser_name]),
-               "lr": recipe.train.lr, "name": "denoiser"}]
+    groups = [
+        {
+            "params": adapters.trainable_parameters(trained[family.denoiser_name]),
+            "lr": recipe.train.lr,
+            "name": "denoiser",
+        }
+    ]
     for name, module in trained.items():
         if name != family.denoiser_name:
-            groups.append({"params": adapters.trainable_parameters(module),
-                           "lr": recipe.adapter.text_encoder_lr or recipe.train.lr, "name": name})
+            groups.append(
+                {
+                    "params": adapters.trainable_parameters(module),
+                    "lr": recipe.adapter.text_encoder_lr or recipe.train.lr,
+                    "name": name,
+                }
+            )
     return groups
 
 
@@ -205,14 +238,32 @@ def compute_loss(recipe, family, comps, objective, batch, generator, accelerator
     return instance + recipe.dreambooth.prior_loss_weight * per_sample[is_prior].mean()
 
 
-def run_steps(recipe, accelerator, family, comps, trained, optimizer, scheduler,
-              objective, batches, state, stopper, output_dir, stats) -> None:
+def run_steps(
+    recipe,
+    accelerator,
+    family,
+    comps,
+    trained,
+    optimizer,
+    scheduler,
+    objective,
+    batches,
+    state,
+    stopper,
+    output_dir,
+    stats,
+) -> None:
     train_cfg, device = recipe.train, accelerator.device
     params = [p for m in trained.values() for p in adapters.trainable_parameters(m)]
     te_stop = math.ceil(recipe.adapter.text_encoder_stop * train_cfg.steps)
     running, bad_steps, started = torch.zeros((), device=device), 0, time.perf_counter()
-    bar = tqdm(total=train_cfg.steps, initial=state["step"], desc="training", unit="step",
-               disable=not accelerator.is_main_process)
+    bar = tqdm(
+        total=train_cfg.steps,
+        initial=state["step"],
+        desc="training",
+        unit="step",
+        disable=not accelerator.is_main_process,
+    )
     for model in trained.values():
         model.train()
     while state["step"] < train_cfg.steps:
@@ -222,11 +273,13 @@ def run_steps(recipe, accelerator, family, comps, trained, optimizer, scheduler,
             # One generator per (seed, step, micro), the same on every process (each keeps its
             # slice of the global draw): resumed and multi-process runs draw the same noise.
             generator = torch.Generator(device).manual_seed(
-                train_cfg.seed * 1_000_003 + step * 101 + micro * 7)
-            with accelerator.accumulate(), flop_counter(stats, step == 0 and micro == 0 and
-                                                        train_cfg.count_flops):
-                loss = compute_loss(recipe, family, comps, objective, batch, generator,
-                                    accelerator)
+                train_cfg.seed * 1_000_003 + step * 101 + micro * 7
+            )
+            with (
+                accelerator.accumulate(),
+                flop_counter(stats, step == 0 and micro == 0 and train_cfg.count_flops),
+            ):
+                loss = compute_loss(recipe, family, comps, objective, batch, generator, accelerator)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and accelerator.num_processes > 1:
                     average_gradients(params, accelerator)
@@ -243,9 +296,11 @@ def run_steps(recipe, accelerator, family, comps, trained, optimizer, scheduler,
         if not finite:
             log.warning("step %d: non-finite loss or gradient; step skipped", step + 1)
             if bad_steps >= train_cfg.nan_patience:
-                raise TunerError(f"{bad_steps} steps in a row had non-finite loss/gradients; "
-                                 "stopped. Lower train.lr, or use bf16 instead of fp16; the last "
-                                 f"good checkpoint is in {output_dir / 'checkpoints'}")
+                raise TunerError(
+                    f"{bad_steps} steps in a row had non-finite loss/gradients; "
+                    "stopped. Lower train.lr, or use bf16 instead of fp16; the last "
+                    f"good checkpoint is in {output_dir / 'checkpoints'}"
+                )
         scheduler.step()
         if step + 1 > te_stop:
             for group in optimizer.param_groups:
@@ -263,15 +318,21 @@ def run_steps(recipe, accelerator, family, comps, trained, optimizer, scheduler,
         save_now = recipe.output.save_every and (step + 1) % recipe.output.save_every == 0
         if save_now or stopper.requested:
             save_checkpoint(recipe, accelerator, trained, optimizer, scheduler, state, output_dir)
-        if recipe.sample.every and (step + 1) % recipe.sample.every == 0 and \
-                step + 1 < train_cfg.steps and accelerator.is_main_process:
+        if (
+            recipe.sample.every
+            and (step + 1) % recipe.sample.every == 0
+            and step + 1 < train_cfg.steps
+            and accelerator.is_main_process
+        ):
             from tuner.sample import training_grid
 
             training_grid(recipe, output_dir, family, comps, step + 1, accelerator)
         if stopper.requested:
             bar.close()
-            raise TunerError(f"stopped by {stopper.signal_name} at step {step + 1}; resume with: "
-                             f"./launch.sh RECIPE train.resume=latest output.dir={output_dir}")
+            raise TunerError(
+                f"stopped by {stopper.signal_name} at step {step + 1}; resume with: "
+                f"./launch.sh RECIPE train.resume=latest output.dir={output_dir}"
+            )
     bar.close()
     log.info("trained %d steps in %.1fs", train_cfg.steps - 0, time.perf_counter() - started)
 
@@ -295,7 +356,7 @@ def average_gradients(params: list[torch.nn.Parameter], accelerator) -> None:
     flat = accelerator.reduce(torch.cat([g.flatten() for g in grads]), reduction="mean")
     offset = 0
     for param, grad in zip(params, grads):
-        param.grad = flat[offset:offset + grad.numel()].view_as(param).to(grad.dtype)
+        param.grad = flat[offset : offset + grad.numel()].view_as(param).to(grad.dtype)
         offset += grad.numel()
 
 
@@ -314,17 +375,32 @@ def save_checkpoint(recipe, accelerator, trained, optimizer, scheduler, state, o
     def contents(folder: Path) -> None:
         if accelerator.is_main_process:
             adapters.save_adapter(folder, families.for_model(recipe.model), trained)
-            lora = {f"{name}::{k}": v.detach().cpu().contiguous()
-                    for name, module in trained.items()
-                    for k, v in adapters.peft_state(module).items()}
+            lora = {
+                f"{name}::{k}": v.detach().cpu().contiguous()
+                for name, module in trained.items()
+                for k, v in adapters.peft_state(module).items()
+            }
             save_file(lora, str(folder / "lora_state.safetensors"))
             scaler = accelerator.scaler.state_dict() if accelerator.scaler else None
-            torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                        "rng": rng_state(), "scaler": scaler}, folder / "training_state.pt")
+            torch.save(
+                {
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "rng": rng_state(),
+                    "scaler": scaler,
+                },
+                folder / "training_state.pt",
+            )
         accelerator.wait_for_everyone()
 
-    checkpoint.write_checkpoint(output_dir, state["step"], contents, dict(state),
-                                accelerator.is_main_process, recipe.output.keep)
+    checkpoint.write_checkpoint(
+        output_dir,
+        state["step"],
+        contents,
+        dict(state),
+        accelerator.is_main_process,
+        recipe.output.keep,
+    )
     accelerator.wait_for_everyone()
 
 
@@ -332,7 +408,7 @@ def load_checkpoint(folder: Path, trained, optimizer, scheduler, accelerator) ->
     lora = load_file(str(folder / "lora_state.safetensors"))
     for name, module in trained.items():
         prefix = f"{name}::"
-        weights = {k[len(prefix):]: v for k, v in lora.items() if k.startswith(prefix)}
+        weights = {k[len(prefix) :]: v for k, v in lora.items() if k.startswith(prefix)}
         # Loads into the adapter already injected: resuming never adds a second adapter.
         set_peft_model_state_dict(accelerator.unwrap_model(module), weights)
     saved = torch.load(folder / "training_state.pt", map_location="cpu", weights_only=True)
@@ -351,8 +427,11 @@ def rng_state() -> dict:
 
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     # Plain types and tensors only, so the file loads with torch.load(weights_only=True).
-    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
-             "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached]}
+    state = {
+        "python": random.getstate(),
+        "torch": torch.get_rng_state(),
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -399,10 +478,8 @@ class GracefulStop:
     def __init__(self):
         self.requested, self.signal_name = False, ""
         for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
+            with contextlib.suppress(ValueError):  # not the main thread (e.g. a notebook worker)
                 signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread (e.g. inside a notebook worker)
-                pass
 
     def _handle(self, signum, frame) -> None:
         if self.requested:

@@ -46,8 +46,9 @@ def test_fixed_shift_matches_the_scheduler_sigmas_and_scale_noise():
     torch.testing.assert_close(sigmas, expected_sigmas)
     torch.testing.assert_close(inputs.timesteps, expected_timesteps)
     # scale_noise looks each timestep up in the schedule: the scheduler's own forward process.
-    torch.testing.assert_close(inputs.noisy, scheduler.scale_noise(latents, inputs.timesteps,
-                                                                   noise))
+    torch.testing.assert_close(
+        inputs.noisy, scheduler.scale_noise(latents, inputs.timesteps, noise)
+    )
 
 
 def test_target_is_the_velocity_the_euler_step_integrates():
@@ -72,8 +73,13 @@ def test_resolution_shift_matches_the_flux_pipeline(pixels):
     latents = torch.zeros(1, 16, side, side)
     packed_len = FluxPipeline._pack_latents(latents, 1, 16, side, side).shape[1]
     config = scheduler.config
-    mu = calculate_shift(packed_len, config.base_image_seq_len, config.max_image_seq_len,
-                         config.base_shift, config.max_shift)
+    mu = calculate_shift(
+        packed_len,
+        config.base_image_seq_len,
+        config.max_image_seq_len,
+        config.base_shift,
+        config.max_shift,
+    )
     assert objective.mu(latents.shape) == pytest.approx(mu)
     expected_sigmas, _ = scheduler_at(scheduler, U, mu=mu)
     torch.testing.assert_close(objective.shift_sigmas(U, latents.shape), expected_sigmas)
@@ -92,14 +98,21 @@ def test_resolution_shift_grows_with_resolution_and_hits_its_anchors():
 
 @pytest.mark.parametrize("scheme", ["uniform", "logit_normal", "mode", "sigmoid"])
 def test_sigma_densities_are_diffusers_own(scheme):
-    objective = FlowMatchObjective(sd3_scheduler(), sampling=scheme, logit_mean=0.3,
-                                   logit_std=1.4, mode_scale=1.1)
+    objective = FlowMatchObjective(
+        sd3_scheduler(), sampling=scheme, logit_mean=0.3, logit_std=1.4, mode_scale=1.1
+    )
     drawn = objective.draw_u(64, torch.Generator().manual_seed(5), "cpu")
     name = {"uniform": "none", "sigmoid": "logit_normal"}.get(scheme, scheme)
     mean = 0.0 if scheme == "sigmoid" else 0.3  # sigmoid: logit-normal centred at 0
     expected = compute_density_for_timestep_sampling(
-        name, 64, logit_mean=mean, logit_std=1.4, mode_scale=1.1, device="cpu",
-        generator=torch.Generator().manual_seed(5))
+        name,
+        64,
+        logit_mean=mean,
+        logit_std=1.4,
+        mode_scale=1.1,
+        device="cpu",
+        generator=torch.Generator().manual_seed(5),
+    )
     torch.testing.assert_close(drawn, expected)
     assert drawn.min() >= 0 and drawn.max() <= 1
 
@@ -108,8 +121,9 @@ def test_sigma_densities_are_diffusers_own(scheme):
 def test_loss_weighting_is_diffusers_own(weighting):
     objective = FlowMatchObjective(sd3_scheduler(), weighting=weighting)
     sigmas = objective.shift_sigmas(U, (1, 16, 8, 8))
-    torch.testing.assert_close(objective.weight(sigmas),
-                               compute_loss_weighting_for_sd3(weighting, sigmas=sigmas))
+    torch.testing.assert_close(
+        objective.weight(sigmas), compute_loss_weighting_for_sd3(weighting, sigmas=sigmas)
+    )
     assert FlowMatchObjective(sd3_scheduler()).weight(sigmas) is None
 
 
@@ -130,17 +144,27 @@ def test_sample_is_reproducible_from_the_generator():
 
 def test_recipe_defaults_per_family_scheduler():
     train = TrainSection(steps=1)
-    sd3 = build_flow_objective(sd3_scheduler(), train, default_shift=3.0,
-                               default_resolution_shift=False)
+    sd3 = build_flow_objective(
+        sd3_scheduler(), train, default_shift=3.0, default_resolution_shift=False
+    )
     assert (sd3.shift, sd3.resolution_shift) == (3.0, False)
-    dev = build_flow_objective(flux_scheduler("dev"), train, default_shift=3.0,
-                               default_resolution_shift=True)
+    dev = build_flow_objective(
+        flux_scheduler("dev"), train, default_shift=3.0, default_resolution_shift=True
+    )
     assert dev.resolution_shift
-    fixed = build_flow_objective(flux_scheduler("dev"), TrainSection(steps=1, shift=2.0),
-                                 default_shift=3.0, default_resolution_shift=True)
+    fixed = build_flow_objective(
+        flux_scheduler("dev"),
+        TrainSection(steps=1, shift=2.0),
+        default_shift=3.0,
+        default_resolution_shift=True,
+    )
     assert (fixed.shift, fixed.resolution_shift) == (2.0, False)
-    forced = build_flow_objective(sd3_scheduler(), TrainSection(steps=1, resolution_shift=True),
-                                  default_shift=3.0, default_resolution_shift=False)
+    forced = build_flow_objective(
+        sd3_scheduler(),
+        TrainSection(steps=1, resolution_shift=True),
+        default_shift=3.0,
+        default_resolution_shift=False,
+    )
     assert forced.resolution_shift
 
 
@@ -148,3 +172,17 @@ def test_uniform_unshifted_sigmas_are_the_identity():
     objective = FlowMatchObjective(FlowMatchEulerDiscreteScheduler(shift=1.0), shift=1.0)
     torch.testing.assert_close(objective.shift_sigmas(U, (1, 16, 8, 8)), U)
     assert math.isclose(float(objective.shift_sigmas(torch.tensor([1.0]), (1, 16, 8, 8))), 1.0)
+
+
+def test_two_processes_draw_what_one_process_with_twice_the_batch_draws():
+    objective = FlowMatchObjective(flux_scheduler("dev"), resolution_shift=True, noise_offset=0.1)
+    latents, _ = fixed_tensors(4)
+    whole = objective.sample(latents, torch.Generator().manual_seed(3))
+    halves = [
+        objective.sample(
+            latents[rank * 2 : (rank + 1) * 2], torch.Generator().manual_seed(3), (rank, 2)
+        )
+        for rank in (0, 1)
+    ]
+    torch.testing.assert_close(torch.cat([h.noisy for h in halves]), whole.noisy)
+    torch.testing.assert_close(torch.cat([h.timesteps for h in halves]), whole.timesteps)

@@ -4,14 +4,18 @@ ComfyUI export, DreamBooth, and the shipped quickstarts."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
 import torch
-from diffusers import FluxPipeline
+import yaml
+from diffusers import FluxPipeline, FluxTransformer2DModel, SD3Transformer2DModel
 
 from tuner import adapters, export, families
 from tuner.errors import TunerError
+from tuner.families.flux import flux_transformer_config
+from tuner.families.sd3 import sd35_large_transformer_config
 from tuner.recipe import AdapterSection, ModelSection, load_recipe
 from tuner.sample import lora_scale, pipeline_modules
 from tuner.train import run_training
@@ -39,8 +43,16 @@ def load(name: str, **model):
 
 def render(pipe, **kwargs) -> torch.Tensor:
     pipe.set_progress_bar_config(disable=True)
-    return pipe(PROMPT, num_inference_steps=2, width=32, height=32, max_sequence_length=16,
-                generator=torch.Generator().manual_seed(0), output_type="pt", **kwargs).images
+    return pipe(
+        PROMPT,
+        num_inference_steps=2,
+        width=32,
+        height=32,
+        max_sequence_length=16,
+        generator=torch.Generator().manual_seed(0),
+        output_type="pt",
+        **kwargs,
+    ).images
 
 
 def capture_denoiser_call(pipe, **kwargs) -> dict:
@@ -121,40 +133,54 @@ def test_trains_only_lora_and_round_trips_through_diffusers(name, make_recipe, t
     torch.testing.assert_close(render(in_memory, guidance_scale=1.0), after_load)
     with lora_scale(pipeline_modules(loaded), 0.0):
         base = render(loaded, guidance_scale=1.0)
-    torch.testing.assert_close(base, render(family.build_pipeline(load(name)[1]),
-                                            guidance_scale=1.0))
+    torch.testing.assert_close(
+        base, render(family.build_pipeline(load(name)[1]), guidance_scale=1.0)
+    )
     assert (after_load - base).abs().max() > 1e-3  # the adapter changes what is sampled
 
 
 def test_flux_comfy_export_loads_like_the_diffusers_file(make_recipe):
     """The kohya-named file (OneTrainer's `lora_transformer_` layout, which ComfyUI maps for
     Flux) carries alpha and gives the same images as the diffusers file."""
-    result = run_training(make_recipe(*FAST, "adapter.rank=4", "adapter.alpha=2",
-                                      base="builtin:tiny-flux"))
+    result = run_training(
+        make_recipe(*FAST, "adapter.rank=4", "adapter.alpha=2", base="builtin:tiny-flux")
+    )
     state, metadata = export.read_adapter(result.output_dir / adapters.WEIGHT_NAME)
     kohya = export.to_kohya(state, metadata, result.family.kohya_prefixes)
-    assert all(k.startswith("lora_transformer_transformer_blocks_") or
-               k.startswith("lora_transformer_single_transformer_blocks_") for k in kohya)
+    assert all(
+        k.startswith("lora_transformer_transformer_blocks_")
+        or k.startswith("lora_transformer_single_transformer_blocks_")
+        for k in kohya
+    )
     assert {float(v) for k, v in kohya.items() if k.endswith(".alpha")} == {2.0}
     pipes = []
-    for weights in (state, kohya):
+    # The diffusers file carries alpha in its metadata; the kohya dict in its `.alpha` tensors.
+    for weights in (str(result.output_dir / adapters.WEIGHT_NAME), kohya):
         family, comps = load("tiny-flux")
         pipes.append(family.build_pipeline(comps))
-        pipes[-1].load_lora_weights(dict(weights))
+        pipes[-1].load_lora_weights(weights)
     torch.testing.assert_close(render(pipes[0]), render(pipes[1]))
+    with lora_scale(pipeline_modules(pipes[1]), 0.0):
+        assert (render(pipes[1]) - render(pipes[0])).abs().max() > 1e-3
 
 
 @pytest.mark.parametrize("name", TINY)
 def test_dreambooth_with_prior_preservation(name, make_recipe, tmp_path):
     class_dir = tmp_path / "class"
     recipe = make_recipe(
-        *FAST, "~data.datasets", f"dreambooth.instance_dir={REPO / 'datasets' / 'toy-subject'}",
-        "dreambooth.instance_prompt=a sks circle", "dreambooth.class_prompt=a circle",
-        "dreambooth.num_class_images=2", f"dreambooth.class_dir={class_dir}",
-        "dreambooth.class_generation_steps=2", "sample.guidance=1.0", base=f"builtin:{name}")
+        *FAST,
+        "~data.datasets",
+        f"dreambooth.instance_dir={REPO / 'datasets' / 'toy-subject'}",
+        "dreambooth.instance_prompt=a sks circle",
+        "dreambooth.class_prompt=a circle",
+        "dreambooth.num_class_images=2",
+        f"dreambooth.class_dir={class_dir}",
+        "dreambooth.class_generation_steps=2",
+        "sample.guidance=1.0",
+        base=f"builtin:{name}",
+    )
     result = run_training(recipe)
-    assert sorted(p.name for p in class_dir.glob("*.png")) == ["class-00000.png",
-                                                               "class-00001.png"]
+    assert sorted(p.name for p in class_dir.glob("*.png")) == ["class-00000.png", "class-00001.png"]
     family, comps = load(name)
     pipe = family.build_pipeline(comps)
     base = render(pipe, guidance_scale=1.0)
@@ -165,9 +191,15 @@ def test_dreambooth_with_prior_preservation(name, make_recipe, tmp_path):
 @pytest.mark.parametrize("recipe", ["quickstart-flux.yaml", "quickstart-sd3.yaml"])
 def test_quickstart_recipes_train(recipe, tmp_path, monkeypatch):
     monkeypatch.chdir(REPO)
-    loaded = load_recipe(f"recipes/{recipe}", ["train.steps=2", "sample.prompts=[]",
-                                               f"output.dir={tmp_path / 'out'}",
-                                               f"data.cache_dir={tmp_path / 'cache'}"])
+    loaded = load_recipe(
+        f"recipes/{recipe}",
+        [
+            "train.steps=2",
+            "sample.prompts=[]",
+            f"output.dir={tmp_path / 'out'}",
+            f"data.cache_dir={tmp_path / 'cache'}",
+        ],
+    )
     result = run_training(loaded)
     assert (result.output_dir / adapters.WEIGHT_NAME).is_file()
     assert (result.output_dir / adapters.KOHYA_WEIGHT_NAME).is_file()
@@ -177,8 +209,9 @@ def test_quickstart_recipes_train(recipe, tmp_path, monkeypatch):
 def test_lora_targets_default_feed_forward_and_block_choice(name):
     family, comps = load(name)
     names = [n for n, _ in comps.denoiser.named_modules()]
-    assert adapters.denoiser_targets(AdapterSection(), family,
-                                     comps.denoiser) == list(family.default_targets)
+    assert adapters.denoiser_targets(AdapterSection(), family, comps.denoiser) == list(
+        family.default_targets
+    )
     for target in ("add_q_proj", "to_add_out", "ff.net.2", "ff_context.net.0.proj"):
         assert any(n.endswith("." + target) for n in names), target
     # The recipes' block-choice example: the joint attention of double/joint block 0 only.
@@ -186,17 +219,23 @@ def test_lora_targets_default_feed_forward_and_block_choice(name):
     adapter = AdapterSection(rank=2, target_regex=regex)
     targets = adapters.denoiser_targets(adapter, family, comps.denoiser)
     comps.denoiser.add_adapter(adapters.lora_config(adapter, targets))
-    wrapped = {n.rsplit(".lora_A", 1)[0] for n, _ in comps.denoiser.named_modules()
-               if n.endswith(".lora_A")}
+    wrapped = {
+        n.rsplit(".lora_A", 1)[0]
+        for n, _ in comps.denoiser.named_modules()
+        if n.endswith(".lora_A")
+    }
     assert wrapped and all(n.startswith("transformer_blocks.0.attn.") for n in wrapped)
 
 
-@pytest.mark.parametrize("override, message", [
-    ("adapter.text_encoder=true", "adapter.text_encoder"),
-    ("train.min_snr_gamma=5", "train.min_snr_gamma"),
-    ("data.resolution=40", "data.resolution"),
-    ("train.max_sequence_length=600", "train.max_sequence_length"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("adapter.text_encoder=true", "adapter.text_encoder"),
+        ("train.min_snr_gamma=5", "train.min_snr_gamma"),
+        ("data.datasets.0.resolution=34", "data.datasets.0.resolution"),
+        ("train.max_sequence_length=600", "train.max_sequence_length"),
+    ],
+)
 def test_configure_rejects_what_flow_families_cannot_do(override, message, make_recipe):
     recipe = make_recipe(*FAST, override, base="builtin:tiny-flux")
     family, comps = load("tiny-flux")
@@ -208,8 +247,89 @@ def test_sequence_length_is_part_of_the_cache_identity(make_recipe):
     family, comps = load("tiny-flux")
     family.configure(comps, make_recipe(*FAST, base="builtin:tiny-flux"))
     _, other = load("tiny-flux")
-    family.configure(other, make_recipe(*FAST, "train.max_sequence_length=32",
-                                        base="builtin:tiny-flux"))
+    family.configure(
+        other, make_recipe(*FAST, "train.max_sequence_length=32", base="builtin:tiny-flux")
+    )
     assert comps.identity != other.identity
     assert comps.extra["max_sequence_length"] == 16
     assert family.encode_prompts(other, [PROMPT])["prompt_embeds"].shape[1] == 32
+
+
+def commented_target_examples(recipe: Path) -> list[dict]:
+    """The `# targets:` / `# target_regex:` examples in a recipe's comments, parsed as YAML."""
+    examples, lines = [], recipe.read_text().splitlines()
+    for i, line in enumerate(lines):
+        found = re.match(r"^(\s*)# (targets|target_regex): ", line)
+        if not found:
+            continue
+        text = line.replace("# ", "", 1)
+        for more in lines[i + 1 :]:  # a flow list continues on deeper-indented comment lines
+            if not re.match(rf"^{found[1]}#\s{{3,}}\S", more):
+                break
+            text += " " + more.split("#", 1)[1].strip()
+        examples.append(yaml.safe_load(text))
+    return examples
+
+
+@pytest.mark.parametrize(
+    "recipe, builder",
+    [
+        ("flux/style-qlora.yaml", lambda: FluxTransformer2DModel(**flux_transformer_config("dev"))),
+        (
+            "flux/dreambooth-qlora.yaml",
+            lambda: FluxTransformer2DModel(**flux_transformer_config("dev")),
+        ),
+        ("sd35/style-lora.yaml", lambda: SD3Transformer2DModel(**sd35_large_transformer_config())),
+    ],
+)
+def test_recipe_target_examples_name_real_modules(recipe, builder):
+    """Every target example in the recipes' comments matches modules of the full-size model."""
+    with torch.device("meta"):
+        model = builder()
+    names = [n for n, _ in model.named_modules()]
+    examples = commented_target_examples(REPO / "recipes" / recipe)
+    assert examples
+    family = families.get("flux" if recipe.startswith("flux") else "sd3")
+    for example in examples:
+        adapter = AdapterSection(rank=4, **example)
+        targets = adapters.denoiser_targets(adapter, family, model)  # raises if one misses
+        if adapter.target_regex:  # a block choice: some attention layers, not all of them
+            chosen = [n for n in names if re.fullmatch(targets, n)]
+            every = [n for n in names if n.endswith(family.default_targets)]
+            assert 0 < len(chosen) < len(every)
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_loads_from_a_diffusers_folder(name, tmp_path):
+    drop_t5 = name == "tiny-sd3"
+    family, comps = load(name)
+    family.build_pipeline(comps).save_pretrained(tmp_path / "model")  # with T5
+    comps = load(name, drop_t5=drop_t5)[1]
+    spec = ModelSection(path=str(tmp_path / "model"), drop_t5=drop_t5)
+    assert families.for_model(spec).name == family.name  # detected from model_index.json
+    loaded = family.load(spec, torch.float32)
+    if drop_t5:  # from_pretrained never loads the left-out T5
+        assert set(loaded.text_encoders) == {"text_encoder", "text_encoder_2"}
+    torch.testing.assert_close(
+        render(family.build_pipeline(loaded), guidance_scale=1.0),
+        render(family.build_pipeline(comps), guidance_scale=1.0),
+    )
+
+
+def test_arch_builders_have_the_published_sizes():
+    """builtin:arch-flux-dev / arch-sd35 (built on the meta device: no memory, no time) have the
+    released models' parameter counts: FLUX.1-dev 11.9B, SD3.5 Large 8.1B, T5-XXL encoder 4.8B,
+    CLIP-L 0.12B, OpenCLIP bigG text 0.69B."""
+    from tuner.families.flux import build_arch_flux
+    from tuner.families.sd3 import build_arch_sd35
+
+    with torch.device("meta"):
+        flux, sd35 = build_arch_flux("dev"), build_arch_sd35()
+
+    def billions(module) -> float:
+        return round(sum(p.numel() for p in module.parameters()) / 1e9, 2)
+
+    assert billions(flux["transformer"]) == 11.90 and flux["transformer"].config.guidance_embeds
+    assert billions(sd35["transformer"]) == 8.06
+    assert billions(flux["text_encoder_2"]) == billions(sd35["text_encoder_3"]) == 4.76
+    assert billions(flux["text_encoder"]) == 0.12 and billions(sd35["text_encoder_2"]) == 0.69

@@ -15,13 +15,12 @@ from PIL import Image
 from safetensors import safe_open
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-import tuner
 from tuner import families
 from tuner.adapters import KOHYA_WEIGHT_NAME, WEIGHT_NAME
 from tuner.errors import TunerError
 from tuner.families import arch
 from tuner.families.sdxl import SDXLFamily, build_tiny_sdxl
-from tuner.recipe import ModelSection, validate_recipe
+from tuner.recipe import ModelSection, load_recipe, validate_recipe
 from tuner.sample import lora_scale, pipeline_modules
 from tuner.train import run_training
 
@@ -49,8 +48,15 @@ def fresh_pipeline() -> StableDiffusionXLPipeline:
 def images(pipe, scale: float = 1.0) -> np.ndarray:
     generator = torch.Generator().manual_seed(0)
     with lora_scale(pipeline_modules(pipe), scale):
-        return pipe([PROMPT], num_inference_steps=2, guidance_scale=5.0, width=64, height=64,
-                    generator=generator, output_type="np").images
+        return pipe(
+            [PROMPT],
+            num_inference_steps=2,
+            guidance_scale=5.0,
+            width=64,
+            height=64,
+            generator=generator,
+            output_type="np",
+        ).images
 
 
 @pytest.fixture(scope="module")
@@ -58,11 +64,19 @@ def trained(tmp_path_factory):
     """The quickstart recipe, shortened, with LoRA on both text encoders too, and an alpha that
     is not the rank (so the LoRA scale must survive both file formats)."""
     tmp = tmp_path_factory.mktemp("sdxl")
-    recipe = tuner.load_recipe(QUICKSTART, [
-        f"output.dir={tmp / 'out'}", f"data.cache_dir={tmp / 'cache'}", "sample.prompts=[]",
-        "train.steps=3", "train.lr=1e-2", "adapter.text_encoder=true", "adapter.alpha=2",
-        f"data.datasets.0.path={REPO / 'datasets' / 'toy-style'}",
-    ])
+    recipe = load_recipe(
+        QUICKSTART,
+        [
+            f"output.dir={tmp / 'out'}",
+            f"data.cache_dir={tmp / 'cache'}",
+            "sample.prompts=[]",
+            "train.steps=3",
+            "train.lr=1e-2",
+            "adapter.text_encoder=true",
+            "adapter.alpha=2",
+            f"data.datasets.0.path={REPO / 'datasets' / 'toy-style'}",
+        ],
+    )
     result = run_training(recipe)
     pipe = result.family.build_pipeline(result.comps)
     pipe.set_progress_bar_config(disable=True)
@@ -82,8 +96,11 @@ def loaded_images(trained):
 
 def base_weights(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Non-LoRA weights under their pre-injection names."""
-    return {name.replace(".base_layer", ""): value for name, value in module.state_dict().items()
-            if "lora_" not in name}
+    return {
+        name.replace(".base_layer", ""): value
+        for name, value in module.state_dict().items()
+        if "lora_" not in name
+    }
 
 
 # --- the shared battery ----------------------------------------------------------------------
@@ -136,17 +153,24 @@ def test_tiny_dreambooth_with_prior_preservation(tmp_path, monkeypatch):
     instance.mkdir()
     for name in ("000.png", "001.png"):
         shutil.copy(REPO / "datasets" / "toy-subject" / name, instance / name)
-    recipe = validate_recipe({
-        "model": {"path": "builtin:tiny-sdxl"},
-        "adapter": {"rank": 4},
-        "data": {"resolution": 64, "cache_dir": str(tmp_path / "cache")},
-        "dreambooth": {"instance_dir": str(instance), "instance_prompt": "a sks circle",
-                       "class_prompt": "a circle", "class_dir": str(tmp_path / "class"),
-                       "num_class_images": 2, "with_prior_preservation": True,
-                       "class_generation_steps": 2},
-        "train": {"steps": 2, "lr": 1e-2},
-        "output": {"dir": str(tmp_path / "out")},
-    })
+    recipe = validate_recipe(
+        {
+            "model": {"path": "builtin:tiny-sdxl"},
+            "adapter": {"rank": 4},
+            "data": {"resolution": 64, "cache_dir": str(tmp_path / "cache")},
+            "dreambooth": {
+                "instance_dir": str(instance),
+                "instance_prompt": "a sks circle",
+                "class_prompt": "a circle",
+                "class_dir": str(tmp_path / "class"),
+                "num_class_images": 2,
+                "with_prior_preservation": True,
+                "class_generation_steps": 2,
+            },
+            "train": {"steps": 2, "lr": 1e-2},
+            "output": {"dir": str(tmp_path / "out")},
+        }
+    )
     batch_sizes = []
     original = UNet2DConditionModel.forward
 
@@ -177,13 +201,20 @@ def test_time_ids_follow_the_bucket_and_crop(tmp_path, monkeypatch, cache):
     data.mkdir()
     Image.new("RGB", (96, 64), (200, 30, 30)).save(data / "wide.png")  # width 96, height 64
     (data / "wide.txt").write_text("a red rectangle")
-    recipe = validate_recipe({
-        "model": {"path": "builtin:tiny-sdxl"},
-        "data": {"datasets": [{"path": str(data)}], "resolution": 64, "cache": cache,
-                 "buckets": {"step": 8, "min_side": 32}, "cache_dir": str(tmp_path / "cache")},
-        "train": {"steps": 1},
-        "output": {"dir": str(tmp_path / "out"), "formats": ["diffusers"]},
-    })
+    recipe = validate_recipe(
+        {
+            "model": {"path": "builtin:tiny-sdxl"},
+            "data": {
+                "datasets": [{"path": str(data)}],
+                "resolution": 64,
+                "cache": cache,
+                "buckets": {"step": 8, "min_side": 32},
+                "cache_dir": str(tmp_path / "cache"),
+            },
+            "train": {"steps": 1},
+            "output": {"dir": str(tmp_path / "out"), "formats": ["diffusers"]},
+        }
+    )
     seen = []
 
     def spy(module, args, kwargs):
@@ -214,8 +245,9 @@ def test_pooled_embedding_comes_from_encoder_2():
     prompts = ["a red circle", "a blue square"]
     before = family.encode_prompts(comps, prompts)
     pipe = family.build_pipeline(comps)
-    embeds, _, pooled, _ = pipe.encode_prompt(prompts, device="cpu",
-                                              do_classifier_free_guidance=False)
+    embeds, _, pooled, _ = pipe.encode_prompt(
+        prompts, device="cpu", do_classifier_free_guidance=False
+    )
     torch.testing.assert_close(before["prompt_embeds"], embeds, rtol=0, atol=0)
     torch.testing.assert_close(before["pooled_prompt_embeds"], pooled, rtol=0, atol=0)
 
@@ -223,10 +255,12 @@ def test_pooled_embedding_comes_from_encoder_2():
     perturb(comps.text_encoders["text_encoder"])
     after_1 = family.encode_prompts(comps, prompts)
     assert torch.equal(after_1["pooled_prompt_embeds"], before["pooled_prompt_embeds"])
-    assert not torch.equal(after_1["prompt_embeds"][..., :width_1],
-                           before["prompt_embeds"][..., :width_1])
-    assert torch.equal(after_1["prompt_embeds"][..., width_1:],
-                       before["prompt_embeds"][..., width_1:])
+    assert not torch.equal(
+        after_1["prompt_embeds"][..., :width_1], before["prompt_embeds"][..., :width_1]
+    )
+    assert torch.equal(
+        after_1["prompt_embeds"][..., width_1:], before["prompt_embeds"][..., width_1:]
+    )
     perturb(comps.text_encoders["text_encoder_2"])
     after_2 = family.encode_prompts(comps, prompts)
     assert not torch.equal(after_2["pooled_prompt_embeds"], before["pooled_prompt_embeds"])
@@ -245,9 +279,10 @@ def perturb(module: torch.nn.Module) -> None:
 @pytest.mark.parametrize("prediction_type", [None, "v_prediction"])
 def test_prediction_type_reaches_the_training_objective(prediction_type):
     family = families.get("sdxl")
-    comps = family.load(ModelSection(path="builtin:tiny-sdxl", prediction_type=prediction_type),
-                        torch.float32)
-    train = tuner.load_recipe(QUICKSTART, ["output.dir=unused"]).train
+    comps = family.load(
+        ModelSection(path="builtin:tiny-sdxl", prediction_type=prediction_type), torch.float32
+    )
+    train = load_recipe(QUICKSTART, ["output.dir=unused"]).train
     objective = family.objective(comps, train)
     expected = prediction_type or "epsilon"
     assert objective.prediction_type == expected
@@ -282,15 +317,18 @@ def test_vae_path_replaces_the_vae_in_the_compute_dtype(tmp_path):
     other.save_pretrained(tmp_path / "vae")
     family = families.get("sdxl")
     plain = family.load(ModelSection(path="builtin:tiny-sdxl"), torch.bfloat16)
-    comps = family.load(ModelSection(path="builtin:tiny-sdxl", vae_path=str(tmp_path / "vae")),
-                        torch.bfloat16)
+    comps = family.load(
+        ModelSection(path="builtin:tiny-sdxl", vae_path=str(tmp_path / "vae")), torch.bfloat16
+    )
     assert comps.vae.dtype == torch.bfloat16
     for name, value in comps.vae.state_dict().items():
         assert torch.equal(value, other.state_dict()[name].to(torch.bfloat16)), name
     assert comps.identity != plain.identity  # latents made by another VAE are cached apart
     with pytest.raises(TunerError, match="model.vae_path"):
-        family.load(ModelSection(path="builtin:tiny-sdxl", vae_path=str(tmp_path / "missing")),
-                    torch.float32)
+        family.load(
+            ModelSection(path="builtin:tiny-sdxl", vae_path=str(tmp_path / "missing")),
+            torch.float32,
+        )
 
 
 # --- real architectures (counted on the meta device, never built) -------------------------
@@ -301,15 +339,38 @@ def parameters_on_meta(build) -> int:
         return sum(p.numel() for p in build().parameters())
 
 
-@pytest.mark.parametrize(("build", "published"), [
-    (lambda: UNet2DConditionModel(**arch.SD15_UNET), 859.52e6),
-    (lambda: UNet2DConditionModel(**arch.SDXL_UNET), 2567.46e6),
-    (lambda: AutoencoderKL(**arch.SDXL_VAE), 83.65e6),
-    (lambda: CLIPTextModel(CLIPTextConfig(**arch.CLIP_L_TEXT)), 123.06e6),
-    (lambda: CLIPTextModelWithProjection(CLIPTextConfig(**arch.OPENCLIP_BIGG_TEXT)), 694.66e6),
-], ids=["sd15-unet", "sdxl-unet", "sdxl-vae", "clip-l", "openclip-bigg"])
+@pytest.mark.parametrize(
+    ("build", "published"),
+    [
+        (lambda: UNet2DConditionModel(**arch.SD15_UNET), 859.52e6),
+        (lambda: UNet2DConditionModel(**arch.SDXL_UNET), 2567.46e6),
+        (lambda: AutoencoderKL(**arch.SDXL_VAE), 83.65e6),
+        (lambda: CLIPTextModel(CLIPTextConfig(**arch.CLIP_L_TEXT)), 123.06e6),
+        (lambda: CLIPTextModelWithProjection(CLIPTextConfig(**arch.OPENCLIP_BIGG_TEXT)), 694.66e6),
+    ],
+    ids=["sd15-unet", "sdxl-unet", "sdxl-vae", "clip-l", "openclip-bigg"],
+)
 def test_arch_configs_match_published_sizes(build, published):
     assert parameters_on_meta(build) == pytest.approx(published, rel=1e-4)
+
+
+def test_arch_sdxl_modules_fit_together_at_1024():
+    """The full-size builder, run on the meta device: shapes flow from both text encoders
+    through the UNet's added conditioning at 1024x1024 (128x128 latents), with no memory."""
+    family = SDXLFamily()
+    with torch.device("meta"):
+        modules = arch.build_arch_sdxl()
+    pipe = StableDiffusionXLPipeline(**modules, **family.pipeline_extras())
+    comps = family.components_from_pipeline(pipe, identity="arch-sdxl")
+    assert family.sample_size(comps) == 1024
+    cond = family.encode_prompts(comps, ["a photo of a dog"])
+    assert cond["prompt_embeds"].shape == (1, 77, 2048)
+    assert cond["pooled_prompt_embeds"].shape == (1, 1280)
+    sizes = torch.tensor([[1024, 1024]])
+    batch = {"original_size": sizes, "crop_top_left": torch.tensor([[0, 0]]), "target_size": sizes}
+    noisy = torch.zeros(1, 4, 128, 128, device="meta")
+    out = family.predict(comps, noisy, torch.tensor([500], device="meta"), cond, batch)
+    assert out.shape == noisy.shape
 
 
 # --- recipes ----------------------------------------------------------------------------------
@@ -318,7 +379,7 @@ def test_arch_configs_match_published_sizes(build, published):
 @pytest.mark.parametrize("name", ["style-lora.yaml", "dreambooth-lora.yaml"])
 def test_24gb_recipes_use_the_memory_settings(name):
     path = REPO / "recipes" / "sdxl" / name
-    recipe = tuner.load_recipe(path)
+    recipe = load_recipe(path)
     assert recipe.train.mixed_precision == "bf16"
     assert recipe.train.gradient_checkpointing
     assert recipe.train.optimizer == "adamw8bit"

@@ -15,7 +15,7 @@ from tuner import export, families
 from tuner.cli import main
 from tuner.errors import TunerError
 from tuner.recipe import ModelSection
-from tuner.sample import count_lora_layers, load_adapters, load_base, lora_specs
+from tuner.tools.pipelines import count_lora_layers, load_adapters, load_base, lora_specs
 
 MODEL = "builtin:tiny-sd15"
 RANK, ALPHA = 4, 2.0  # alpha != rank, so a lost alpha changes the images
@@ -29,8 +29,10 @@ def adapter_dir(tmp_path_factory):
     comps = family.load(ModelSection(path=MODEL), torch.float32)
     torch.manual_seed(1)
     layers, configs = {}, {}
-    parts = {"unet": (comps.denoiser, family.default_targets),
-             "text_encoder": (comps.text_encoders["text_encoder"], family.text_encoder_targets)}
+    parts = {
+        "unet": (comps.denoiser, family.default_targets),
+        "text_encoder": (comps.text_encoders["text_encoder"], family.text_encoder_targets),
+    }
     for name, (module, targets) in parts.items():
         config = LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=list(targets))
         inject_adapter_in_model(config, module)
@@ -42,8 +44,10 @@ def adapter_dir(tmp_path_factory):
         configs[name] = config.to_dict()
     folder = tmp_path_factory.mktemp("adapter")
     family.save_lora(folder, layers, configs, "pytorch_lora_weights.safetensors")
-    export.add_metadata(folder / "pytorch_lora_weights.safetensors",
-                        {"tuner_family": "sd15", "tuner_base_model": MODEL, "ss_network_dim": "4"})
+    export.add_metadata(
+        folder / "pytorch_lora_weights.safetensors",
+        {"tuner_family": "sd15", "tuner_base_model": MODEL, "ss_network_dim": "4"},
+    )
     assert main(["export", str(folder), "--format", "kohya"]) == 0
     return folder
 
@@ -56,8 +60,12 @@ def images(adapter_files=(), weights=None, prompt="a red circle"):
         pipe.load_lora_weights(str(file.parent), weight_name=file.name, adapter_name=name)
     if names:
         pipe.set_adapters(names, adapter_weights=weights or [1.0] * len(names))
-    out = pipe([prompt, "a blue star"], num_inference_steps=2, output_type="np",
-               generator=[torch.Generator().manual_seed(s) for s in (0, 1)]).images
+    out = pipe(
+        [prompt, "a blue star"],
+        num_inference_steps=2,
+        output_type="np",
+        generator=[torch.Generator().manual_seed(s) for s in (0, 1)],
+    ).images
     return out, pipe
 
 
@@ -91,15 +99,28 @@ def test_kohya_file_gives_the_same_images_as_the_diffusers_file(adapter_dir):
 
 def test_diffusers_kohya_diffusers_round_trip_is_exact(adapter_dir, tmp_path):
     out = tmp_path / "back.safetensors"
-    assert main(["export", str(adapter_dir / "pytorch_lora_weights_kohya.safetensors"),
-                 "--format", "diffusers", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "export",
+                str(adapter_dir / "pytorch_lora_weights_kohya.safetensors"),
+                "--format",
+                "diffusers",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     original, _ = export.read_adapter(adapter_dir)
     back, metadata = export.read_adapter(out)
     assert sorted(back) == sorted(original)
     assert all(torch.equal(back[k], original[k]) for k in back)
     configs = export.lora_configs(metadata)
-    assert {c: (cfg["r"], cfg["lora_alpha"]) for c, cfg in configs.items()} == \
-        {"unet": (RANK, ALPHA), "text_encoder": (RANK, ALPHA)}
+    assert {c: (cfg["r"], cfg["lora_alpha"]) for c, cfg in configs.items()} == {
+        "unet": (RANK, ALPHA),
+        "text_encoder": (RANK, ALPHA),
+    }
     assert metadata["tuner_base_model"] == MODEL and metadata["ss_network_dim"] == "4"
 
 
@@ -118,9 +139,13 @@ def test_per_module_alphas_survive_kohya_to_diffusers(adapter_dir, tmp_path):
     # Ground truth without our converter: each layer's effective up weight (peft's runtime
     # scaling included) must be the kohya up weight times that module's alpha / rank.
     from_converted, pipe = images([converted])
-    names = {(c, m): k for k, (c, m) in export.kohya_names(
-        families.get("sd15"), families.get("sd15").components_from_pipeline(pipe, "")).items()
-        if k.startswith(("lora_unet_", "lora_te_text_model_"))}
+    names = {
+        (c, m): k
+        for k, (c, m) in export.kohya_names(
+            families.get("sd15"), families.get("sd15").components_from_pipeline(pipe, "")
+        ).items()
+        if k.startswith(("lora_unet_", "lora_te_text_model_"))
+    }
     for component in ("unet", "text_encoder"):
         for name, layer in getattr(pipe, component).named_modules():
             if hasattr(layer, "lora_B") and "a0" in layer.lora_B:
@@ -142,9 +167,12 @@ def test_per_module_alphas_survive_kohya_to_diffusers(adapter_dir, tmp_path):
     # and the loader behind `tuner sample` / `tuner grid` gets the mixed file right too
     _, pipe = load_base(MODEL)
     load_adapters(pipe, families.get("sd15"), lora_specs([str(mixed)]))
-    through_cli_loader = pipe(["a red circle", "a blue star"], num_inference_steps=2,
-                              output_type="np", generator=[torch.Generator().manual_seed(s)
-                                                           for s in (0, 1)]).images
+    through_cli_loader = pipe(
+        ["a red circle", "a blue star"],
+        num_inference_steps=2,
+        output_type="np",
+        generator=[torch.Generator().manual_seed(s) for s in (0, 1)],
+    ).images
     assert np.abs(through_cli_loader - from_uniform).max() < 1e-5
 
 
@@ -164,15 +192,31 @@ def export_cmd():
 
 def test_merged_pipeline_matches_unmerged_adapter_at_the_same_scale(adapter_dir, tmp_path):
     scale = 0.6
-    assert main(["merge", MODEL, str(adapter_dir), "--scale", str(scale),
-                 "--out", str(tmp_path / "merged")]) == 0
+    assert (
+        main(
+            [
+                "merge",
+                MODEL,
+                str(adapter_dir),
+                "--scale",
+                str(scale),
+                "--out",
+                str(tmp_path / "merged"),
+            ]
+        )
+        == 0
+    )
     info = json.loads((tmp_path / "merged" / "tuner_merge.json").read_text())
     assert info["scale"] == scale and info["family"] == "sd15"
     unmerged, _ = images([adapter_dir / "pytorch_lora_weights.safetensors"], [scale])
     base, _ = images()
     _, merged_pipe = load_base(str(tmp_path / "merged"))
     assert count_lora_layers(merged_pipe, "a0") == 0  # fused: no LoRA layers left
-    merged = merged_pipe(["a red circle", "a blue star"], num_inference_steps=2, output_type="np",
-                         generator=[torch.Generator().manual_seed(s) for s in (0, 1)]).images
+    merged = merged_pipe(
+        ["a red circle", "a blue star"],
+        num_inference_steps=2,
+        output_type="np",
+        generator=[torch.Generator().manual_seed(s) for s in (0, 1)],
+    ).images
     assert np.abs(unmerged - base).max() > 1e-3
     assert np.abs(merged - unmerged).max() < 1e-4

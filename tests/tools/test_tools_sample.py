@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from tuner.cli import main
 from tuner.recipe import validate_recipe
-from tuner.sample import (
+from tuner.tools.pipelines import (
     AdapterChoice,
     grid_cells,
     load_adapters,
@@ -24,8 +24,14 @@ from tuner.sample import (
 
 MODEL = "builtin:tiny-sd15"
 DATASET = Path(__file__).resolve().parents[2] / "datasets" / "toy-style"
-RENDER = {"steps": 2, "guidance": 7.5, "negative_prompt": "", "width": 64, "height": 64,
-          "device": torch.device("cpu")}
+RENDER = {
+    "steps": 2,
+    "guidance": 7.5,
+    "negative_prompt": "",
+    "width": 64,
+    "height": 64,
+    "device": torch.device("cpu"),
+}
 
 
 @pytest.fixture(scope="module")
@@ -34,15 +40,20 @@ def run_dir(tmp_path_factory):
 
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("run")
-    recipe = validate_recipe({
-        "model": {"path": MODEL},
-        "adapter": {"rank": 4, "alpha": 2},
-        "data": {"datasets": [{"path": str(DATASET), "prefix": "trgr"}], "resolution": 64,
-                 "cache_dir": str(root / "cache")},
-        "train": {"steps": 4, "lr": 1e-2, "batch_size": 2},
-        "sample": {"prompts": ["a red circle, zebrastyle"], "seeds": [0], "steps": 2},
-        "output": {"dir": str(root / "out"), "save_every": 1, "keep": 3},
-    })
+    recipe = validate_recipe(
+        {
+            "model": {"path": MODEL},
+            "adapter": {"rank": 4, "alpha": 2},
+            "data": {
+                "datasets": [{"path": str(DATASET), "prefix": "trgr"}],
+                "resolution": 64,
+                "cache_dir": str(root / "cache"),
+            },
+            "train": {"steps": 4, "lr": 1e-2, "batch_size": 2},
+            "sample": {"prompts": ["a red circle, zebrastyle"], "seeds": [0], "steps": 2},
+            "output": {"dir": str(root / "out"), "save_every": 1, "keep": 3},
+        }
+    )
     return train(recipe)
 
 
@@ -56,8 +67,9 @@ def cells_through_api(choices, scales, prompts=("a red circle",), seeds=(0,)):
 
 
 def test_trained_files_carry_metadata(run_dir):
-    tags = sum("zebrastyle" in [t.strip() for t in p.read_text().split(",")]
-               for p in DATASET.glob("*.txt"))
+    tags = sum(
+        "zebrastyle" in [t.strip() for t in p.read_text().split(",")] for p in DATASET.glob("*.txt")
+    )
     for name in ("pytorch_lora_weights.safetensors", "pytorch_lora_weights_kohya.safetensors"):
         with safe_open(str(run_dir / name), "pt") as handle:
             meta = handle.metadata()
@@ -86,27 +98,38 @@ def test_model_card_names_base_triggers_grid_and_loading(run_dir):
 
 def test_scale_zero_is_the_base_model_exactly(run_dir):
     spec = lora_specs([str(run_dir)])
-    out = cells_through_api({"A": AdapterChoice("A", spec), "base": AdapterChoice("base", [])},
-                            [0.0, 1.0])
+    out = cells_through_api(
+        {"A": AdapterChoice("A", spec), "base": AdapterChoice("base", [])}, [0.0, 1.0]
+    )
     assert np.array_equal(out[("A", 0.0, "a red circle", 0)], out[("base", 0.0, "a red circle", 0)])
-    assert np.abs(out[("A", 1.0, "a red circle", 0)].astype(int)
-                  - out[("A", 0.0, "a red circle", 0)]).max() > 2  # the adapter does something
+    assert (
+        np.abs(
+            out[("A", 1.0, "a red circle", 0)].astype(int) - out[("A", 0.0, "a red circle", 0)]
+        ).max()
+        > 2
+    )  # the adapter does something
 
 
 def test_two_adapters_combine_with_their_scales(run_dir, tmp_path):
     state = load_file(str(run_dir / "pytorch_lora_weights.safetensors"))
     generator = torch.Generator().manual_seed(3)
-    other = {k: torch.randn(v.shape, generator=generator) * 0.05 if ".up." in k else v
-             for k, v in state.items()}
+    other = {
+        k: torch.randn(v.shape, generator=generator) * 0.05 if ".up." in k else v
+        for k, v in state.items()
+    }
     with safe_open(str(run_dir / "pytorch_lora_weights.safetensors"), "pt") as handle:
         save_file(other, str(tmp_path / "b.safetensors"), handle.metadata())
     a, b = lora_specs([str(run_dir), str(tmp_path / "b.safetensors")])
     a2 = lora_specs([f"{run_dir}:0.5", f"{run_dir}:0.5"])
     for i, spec in enumerate(a2):
         spec.name, spec.label = f"half{i}", f"half{i}"
-    choices = {"A": AdapterChoice("A", [a]), "B": AdapterChoice("B", [b]),
-               "A+B0": AdapterChoice("A+B0", [a, _scaled(b, 0.0)]),
-               "A+B": AdapterChoice("A+B", [a, b]), "A/2+A/2": AdapterChoice("A/2+A/2", a2)}
+    choices = {
+        "A": AdapterChoice("A", [a]),
+        "B": AdapterChoice("B", [b]),
+        "A+B0": AdapterChoice("A+B0", [a, _scaled(b, 0.0)]),
+        "A+B": AdapterChoice("A+B", [a, b]),
+        "A/2+A/2": AdapterChoice("A/2+A/2", a2),
+    }
     out = {label: image for (label, *_), image in cells_through_api(choices, [1.0]).items()}
     assert np.array_equal(out["A+B0"], out["A"])  # B at weight 0 adds exactly nothing
     assert np.abs(out["A+B"].astype(int) - out["A"]).max() > 2
@@ -124,9 +147,26 @@ def test_sample_cli_writes_pngs_with_their_settings(run_dir, tmp_path):
     kohya = run_dir / "pytorch_lora_weights_kohya.safetensors"
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red circle\n\na blue star\n")
-    argv = ["sample", MODEL, "--lora", f"{kohya}:0.8", "--prompt-file", str(prompts),
-            "--seed", "0", "--seed", "5", "--steps", "2", "--guidance", "7.5",
-            "--scheduler", "euler", "--out", str(tmp_path / "png")]
+    # no MODEL: the base model comes from the adapter's metadata
+    argv = [
+        "sample",
+        "--lora",
+        f"{kohya}:0.8",
+        "--prompt-file",
+        str(prompts),
+        "--seed",
+        "0",
+        "--seed",
+        "5",
+        "--steps",
+        "2",
+        "--guidance",
+        "7.5",
+        "--scheduler",
+        "euler",
+        "--out",
+        str(tmp_path / "png"),
+    ]
     assert main(argv) == 0
     files = sorted((tmp_path / "png").glob("*.png"))
     assert len(files) == 4
@@ -135,6 +175,7 @@ def test_sample_cli_writes_pngs_with_their_settings(run_dir, tmp_path):
     assert settings["prompt"] == "a red circle" and settings["seed"] == 0
     assert settings["loras"] == [{"path": str(kohya), "scale": 0.8}]
     assert (settings["steps"], settings["scheduler"], settings["family"]) == (2, "euler", "sd15")
+    assert settings["model"] == MODEL
     assert "<lora:pytorch_lora_weights_kohya:0.8>" in first.text["parameters"]
     # the PNG is what the API renders with the same settings (the scale was applied)
     family, pipe = load_base(MODEL)
@@ -143,42 +184,73 @@ def test_sample_cli_writes_pngs_with_their_settings(run_dir, tmp_path):
     set_scheduler(pipe, "euler")
     specs = lora_specs([f"{kohya}:0.8"])
     load_adapters(pipe, family, specs)
-    cells = grid_cells(["a red circle"], [0], [1.0], {"x": AdapterChoice("x", specs)})
-    render_cells(pipe, cells, {"x": AdapterChoice("x", specs)}, **RENDER)
+    choices = {"x": AdapterChoice("x", specs)}
+    cells = grid_cells(["a red circle", "a blue star"], [0, 5], [1.0], choices)  # one batch
+    render_cells(pipe, cells, choices, **RENDER)
     assert np.array_equal(np.asarray(first.convert("RGB")), np.asarray(cells[0].image))
-    assert main(argv) == 0  # a second run adds files, never overwrites
-    assert len(list((tmp_path / "png").glob("*.png"))) == 8
+    from tuner.tools.sample_cmd import unused_path
+
+    assert unused_path(files[0]).name == files[0].stem + "-2.png"  # reruns never overwrite
 
 
 def test_grid_size_and_labels_match_the_index(run_dir, tmp_path):
     out = tmp_path / "grid.png"
-    assert main(["grid", MODEL, "--lora", str(run_dir), "--prompt", "a red circle",
-                 "--prompt", "a blue star", "--scales", "0,0.5,1", "--steps", "2",
-                 "--rows", "prompt", "--cols", "scale", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "grid",
+                MODEL,
+                "--lora",
+                str(run_dir),
+                "--prompt",
+                "a red circle",
+                "--prompt",
+                "a blue star",
+                "--scales",
+                "0,0.5,1",
+                "--steps",
+                "2",
+                "--rows",
+                "prompt",
+                "--cols",
+                "scale",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     index = json.loads(out.with_suffix(".json").read_text())
     sheet = np.asarray(Image.open(out).convert("RGB"))
     assert (index["n_rows"], index["n_cols"]) == (2, 3) and len(index["cells"]) == 6
     w, h, gap = index["cell_width"], index["cell_height"], index["gap"]
     assert w >= 192 and index["upscale"] == w // 64
     assert sheet.shape[:2] == (2 * (index["label_height"] + h + gap) - gap, 3 * (w + gap) - gap)
-    assert {(c["prompt"], c["scale"]) for c in index["cells"]} == \
-        {(p, s) for p in ("a red circle", "a blue star") for s in (0.0, 0.5, 1.0)}
+    assert {(c["prompt"], c["scale"]) for c in index["cells"]} == {
+        (p, s) for p in ("a red circle", "a blue star") for s in (0.0, 0.5, 1.0)
+    }
     base_of = {}
     for cell in index["cells"]:
         assert cell["lines"] == [cell["prompt"], f"scale {cell['scale']:g}"]
         x, y, bw, bh = cell["box"]
-        crop = sheet[y:y + bh, x:x + bw]
-        small = crop[::index["upscale"], ::index["upscale"]]
+        crop = sheet[y : y + bh, x : x + bw]
+        small = crop[:: index["upscale"], :: index["upscale"]]
         # the image box holds only the nearest-upscaled image: no label pixels inside it
         assert np.array_equal(crop, small.repeat(index["upscale"], 0).repeat(index["upscale"], 1))
         lx, ly, lw, lh = cell["label_box"]
-        assert ly + lh == y and (sheet[ly:ly + lh, lx:lx + lw] < 100).any()  # text is drawn
+        assert ly + lh == y and (sheet[ly : ly + lh, lx : lx + lw] < 100).any()  # text is drawn
         if cell["scale"] == 0.0:
             base_of[cell["prompt"]] = small
     # a scale-0 cell is the base model's image for its prompt
     _, pipe = load_base(MODEL)
-    base = pipe(["a blue star"], num_inference_steps=2, guidance_scale=7.5, width=64, height=64,
-                generator=[torch.Generator().manual_seed(0)]).images[0]
+    base = pipe(
+        ["a blue star"],
+        num_inference_steps=2,
+        guidance_scale=7.5,
+        width=64,
+        height=64,
+        generator=[torch.Generator().manual_seed(0)],
+    ).images[0]
     assert np.array_equal(base_of["a blue star"], np.asarray(base))
 
 
@@ -195,5 +267,5 @@ def test_checkpoint_sweep_has_one_column_per_checkpoint(run_dir, tmp_path):
     assert index["cells"][0]["prompt"] == "a red circle, zebrastyle"  # from recipe.yaml
     images = {c["col"]: c["box"] for c in index["cells"]}
     sheet = np.asarray(Image.open(out).convert("RGB")).astype(int)
-    crops = [sheet[y:y + h, x:x + w] for x, y, w, h in images.values()]
+    crops = [sheet[y : y + h, x : x + w] for x, y, w, h in images.values()]
     assert np.abs(crops[0] - crops[2]).max() > 0  # different checkpoints, different images

@@ -31,8 +31,14 @@ class TrainDataset(Dataset):
     """Indexed by (item index, epoch, position): all per-step randomness (flip, caption
     dropout and shuffle, random crop, prior pairing) is derived from that key."""
 
-    def __init__(self, items: list[Item], data, plan: CachePlan, seed: int,
-                 class_items: list[Item] | None = None):
+    def __init__(
+        self,
+        items: list[Item],
+        data,
+        plan: CachePlan,
+        seed: int,
+        class_items: list[Item] | None = None,
+    ):
         self.items, self.data, self.plan, self.seed = items, data, plan, seed
         self.class_items = class_items or []
 
@@ -54,17 +60,26 @@ class TrainDataset(Dataset):
     def sample(self, item: Item, rng: random.Random, is_prior: bool) -> dict:
         data, plan = self.data, self.plan
         flip = data.flip and rng.random() < 0.5
-        caption = process_caption(item.raw_caption, prefix=item.prefix, suffix=item.suffix,
-                                  shuffle_tags=data.shuffle_tags, keep_tokens=data.keep_tokens,
-                                  dropout=data.caption_dropout, rng=rng)
+        caption = process_caption(
+            item.raw_caption,
+            prefix=item.prefix,
+            suffix=item.suffix,
+            shuffle_tags=data.shuffle_tags,
+            keep_tokens=data.keep_tokens,
+            dropout=data.caption_dropout,
+            rng=rng,
+        )
         out: dict = {"is_prior": is_prior}
         if plan.latents is not None:
             key = latent_key(item.image_hash, item.size, plan.crop, flip, plan.identity)
             out.update(plan.latents.load(key))
         else:
             pixels, crop_top_left, original_size = prepare_image(item, plan.crop, flip, rng)
-            out.update(pixels=pixels, crop_top_left=torch.tensor(crop_top_left),
-                       original_size=torch.tensor(original_size))
+            out.update(
+                pixels=pixels,
+                crop_top_left=torch.tensor(crop_top_left),
+                original_size=torch.tensor(original_size),
+            )
         out["target_size"] = torch.tensor((item.size[1], item.size[0]))
         if plan.texts is not None:
             out["cond"] = plan.texts.load(text_key(caption, plan.identity))
@@ -81,7 +96,9 @@ def collate(groups: list[list[dict]]) -> dict:
         if name in samples[0]:
             batch[name] = torch.stack([s[name] for s in samples])
     if "cond" in samples[0]:
-        batch["cond"] = {k: torch.stack([s["cond"][k] for s in samples]) for k in samples[0]["cond"]}
+        batch["cond"] = {
+            k: torch.stack([s["cond"][k] for s in samples]) for k in samples[0]["cond"]
+        }
     else:
         batch["captions"] = [s["caption"] for s in samples]
     return batch
@@ -91,14 +108,17 @@ def collate(groups: list[list[dict]]) -> dict:
 
 
 @torch.no_grad()
-def build_cache(items: list[Item], data, plan: CachePlan, family, comps, device,
-                batch_size: int = 8) -> dict[str, int]:
+def build_cache(
+    items: list[Item], data, plan: CachePlan, family, comps, device, batch_size: int = 8
+) -> dict[str, int]:
     """Encode every missing latent / prompt once. Returns hit/made counts."""
     stats = {"hit": 0, "made": 0}
     if plan.latents is not None:
         _cache_latents(items, data, plan, family, comps, device, batch_size, stats)
     if plan.texts is not None:
-        captions = sorted({item.caption for item in items} | ({""} if data.caption_dropout else set()))
+        captions = sorted(
+            {item.caption for item in items} | ({""} if data.caption_dropout else set())
+        )
         _cache_texts(captions, plan, family, comps, device, batch_size, stats)
     return stats
 
@@ -106,7 +126,7 @@ def build_cache(items: list[Item], data, plan: CachePlan, family, comps, device,
 def _cache_latents(items, data, plan, family, comps, device, batch_size, stats) -> None:
     todo: dict[str, tuple[Item, bool]] = {}
     for item in items:
-        for flip in ((False, True) if data.flip else (False,)):
+        for flip in (False, True) if data.flip else (False,):
             key = latent_key(item.image_hash, item.size, plan.crop, flip, plan.identity)
             if key in todo:
                 continue
@@ -123,16 +143,21 @@ def _cache_latents(items, data, plan, family, comps, device, batch_size, stats) 
     bar = tqdm(total=len(todo), desc="caching latents", unit="img")
     for keys in by_size.values():
         for start in range(0, len(keys), batch_size):
-            chunk = keys[start:start + batch_size]
+            chunk = keys[start : start + batch_size]
             prepared = [prepare_image(todo[k][0], plan.crop, todo[k][1], None) for k in chunk]
             pixels = torch.stack([p[0] for p in prepared]).to(device)
             # Seeded by the first entry's key, so a cached latent never depends on run order.
             generator = torch.Generator(device).manual_seed(int(chunk[0][:12], 16))
             latents = family.encode_images(comps, pixels, generator)
             for key, (_, crop_top_left, original_size), latent in zip(chunk, prepared, latents):
-                plan.latents.save(key, {"latents": latent.float(),
-                                        "crop_top_left": torch.tensor(crop_top_left),
-                                        "original_size": torch.tensor(original_size)})
+                plan.latents.save(
+                    key,
+                    {
+                        "latents": latent.float(),
+                        "crop_top_left": torch.tensor(crop_top_left),
+                        "original_size": torch.tensor(original_size),
+                    },
+                )
             stats["made"] += len(chunk)
             bar.update(len(chunk))
     bar.close()
@@ -146,9 +171,11 @@ def _cache_texts(captions, plan, family, comps, device, batch_size, stats) -> No
     for encoder in comps.text_encoders.values():
         encoder.to(device)
     for start in tqdm(range(0, len(todo), batch_size), desc="caching prompts", unit="batch"):
-        chunk = todo[start:start + batch_size]
+        chunk = todo[start : start + batch_size]
         encoded = family.encode_prompts(comps, chunk)
         for row, caption in enumerate(chunk):
-            plan.texts.save(text_key(caption, plan.identity),
-                            {name: value[row] for name, value in encoded.items()})
+            plan.texts.save(
+                text_key(caption, plan.identity),
+                {name: value[row] for name, value in encoded.items()},
+            )
         stats["made"] += len(chunk)

@@ -52,8 +52,7 @@ class TensorCache:
         os.replace(tmp, path)  # readers never see a half-written entry
 
 
-def latent_key(image_hash: str, size: tuple[int, int], crop: str, flip: bool,
-               identity: str) -> str:
+def latent_key(image_hash: str, size: tuple[int, int], crop: str, flip: bool, identity: str) -> str:
     return digest("latent", image_hash, size, crop, flip, identity)
 
 

@@ -44,8 +44,9 @@ class Item:
     @property
     def caption(self) -> str:
         """The caption with prefix/suffix and no per-step randomness (what the cache holds)."""
-        return process_caption(self.raw_caption, prefix=self.prefix, suffix=self.suffix,
-                               rng=random.Random(0))
+        return process_caption(
+            self.raw_caption, prefix=self.prefix, suffix=self.suffix, rng=random.Random(0)
+        )
 
 
 @dataclass
@@ -55,7 +56,9 @@ class DataReport:
     captions: list[str] = field(default_factory=list)
 
 
-def collect_items(data, extra_sources=(), role_of_extra="instance") -> tuple[list[Item], DataReport]:
+def collect_items(
+    data, extra_sources=(), role_of_extra="instance"
+) -> tuple[list[Item], DataReport]:
     """Items of every `data.datasets` entry (repeats expanded) plus `extra_sources`
     (pre-listed (entry, records) pairs, e.g. DreamBooth folders)."""
     report = DataReport()
@@ -63,14 +66,21 @@ def collect_items(data, extra_sources=(), role_of_extra="instance") -> tuple[lis
     sources = [(entry, None) for entry in data.datasets] + list(extra_sources)
     for index, (entry, records) in enumerate(sources):
         if records is None:
-            records = list_records(entry.path, source=index, caption_ext=entry.caption_ext,
-                                   caption_column=entry.caption_column,
-                                   image_column=entry.image_column, split=entry.split)
+            records = list_records(
+                entry.path,
+                source=index,
+                caption_ext=entry.caption_ext,
+                caption_column=entry.caption_column,
+                image_column=entry.image_column,
+                split=entry.split,
+            )
         role = "instance" if index < len(data.datasets) else role_of_extra
         usable = _items_of(records, entry, data, report, role)
         if not usable:
-            raise TunerError(f"{entry.path}: no usable images (supported: jpg, png, webp, bmp); "
-                             "add images or fix data.datasets[].path")
+            raise TunerError(
+                f"{entry.path}: no usable images (supported: jpg, png, webp, bmp); "
+                "add images or fix data.datasets[].path"
+            )
         items += usable * entry.repeats
     report.histogram = bucket_histogram([item.size for item in items])
     report.captions = [item.caption for item in items]
@@ -82,13 +92,19 @@ def _items_of(records, entry, data, report: DataReport, role: str) -> list[Item]
     options = data.bucket_options
     buckets = None
     if options:
-        buckets = make_buckets(options.area or resolution * resolution, step=options.step,
-                               min_side=options.min_side, max_side=options.max_side,
-                               max_ratio=options.max_ratio)
+        buckets = make_buckets(
+            options.area or resolution * resolution,
+            step=options.step,
+            min_side=options.min_side,
+            max_side=options.max_side,
+            max_ratio=options.max_ratio,
+        )
     items = []
     for record in records:
         try:
-            raw = record.image if isinstance(record.image, bytes) else Path(record.image).read_bytes()
+            raw = (
+                record.image if isinstance(record.image, bytes) else Path(record.image).read_bytes()
+            )
             width, height = load_image(raw).size
         except (BadImage, OSError) as exc:
             name = record.image if isinstance(record.image, str) else record.key
@@ -97,13 +113,23 @@ def _items_of(records, entry, data, report: DataReport, role: str) -> list[Item]
             report.skipped.append(str(name))
             continue
         if buckets:
-            size = pick_bucket(width, height, buckets, no_upscale=options.no_upscale,
-                               step=options.step)
+            size = pick_bucket(
+                width, height, buckets, no_upscale=options.no_upscale, step=options.step
+            )
         else:
             size = (resolution, resolution)
         raw_caption = record.caption if record.caption else entry.default_caption
-        items.append(Item(record, raw_caption, size, hashlib.sha256(raw).hexdigest(),
-                          prefix=entry.prefix, suffix=entry.suffix, role=role))
+        items.append(
+            Item(
+                record,
+                raw_caption,
+                size,
+                hashlib.sha256(raw).hexdigest(),
+                prefix=entry.prefix,
+                suffix=entry.suffix,
+                role=role,
+            )
+        )
     return items
 
 

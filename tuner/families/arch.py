@@ -8,7 +8,8 @@ sequences, so the text encoders do the same work.
 
 Models are built seeded, in fp32, on the CPU (the loader then casts them to the compute dtype).
 Building touches every byte once: seconds for SD1.5, tens of seconds for SDXL. They are several
-GB each, so tests only count their parameters on the meta device and never build them.
+GB each, so tests build them under `torch.device("meta")` (shapes, no memory) and never for
+real. The schedulers are always built on the CPU, so their tables exist under any device context.
 """
 
 from __future__ import annotations
@@ -121,27 +122,34 @@ def text_config(config: dict, pad_token: str) -> CLIPTextConfig:
     """A CLIP text config whose special-token ids are the offline tokenizer's (the pooled output
     is read at the end-of-text position, so the ids must agree)."""
     tokenizer = offline_clip_tokenizer(pad_token)
-    return CLIPTextConfig(**config, bos_token_id=tokenizer.bos_token_id,
-                          eos_token_id=tokenizer.eos_token_id,
-                          pad_token_id=tokenizer.pad_token_id)
+    return CLIPTextConfig(
+        **config,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
 
 
 def build_arch_sd15() -> dict:
     """Modules for StableDiffusionPipeline with the SD1.5 architecture, random weights."""
     torch.manual_seed(15)
+    with torch.device("cpu"):
+        # Training needs the DDPM forward process; the released PNDM sampler adds nothing here.
+        scheduler = sd_scheduler("epsilon")
     return {
         "unet": UNet2DConditionModel(**SD15_UNET),
         "vae": AutoencoderKL(**SD_VAE),
         "text_encoder": CLIPTextModel(text_config(CLIP_L_TEXT, "<|endoftext|>")),
         "tokenizer": offline_clip_tokenizer(),
-        # Training needs the DDPM forward process; the released PNDM sampler adds nothing here.
-        "scheduler": sd_scheduler("epsilon"),
+        "scheduler": scheduler,
     }
 
 
 def build_arch_sdxl() -> dict:
     """Modules for StableDiffusionXLPipeline with the SDXL-base architecture, random weights."""
     torch.manual_seed(1024)
+    with torch.device("cpu"):
+        scheduler = EulerDiscreteScheduler(**SDXL_SCHEDULER)
     return {
         "unet": UNet2DConditionModel(**SDXL_UNET),
         "vae": AutoencoderKL(**SDXL_VAE),
@@ -149,5 +157,5 @@ def build_arch_sdxl() -> dict:
         "text_encoder_2": CLIPTextModelWithProjection(text_config(OPENCLIP_BIGG_TEXT, "!")),
         "tokenizer": offline_clip_tokenizer(),
         "tokenizer_2": offline_clip_tokenizer("!"),  # SDXL's second tokenizer pads with "!"
-        "scheduler": EulerDiscreteScheduler(**SDXL_SCHEDULER),
+        "scheduler": scheduler,
     }

@@ -53,8 +53,13 @@ class Family:
 
     def build_pipeline(self, comps: Components):
         """A diffusers pipeline sharing the loaded modules (no copies)."""
-        modules = {self.denoiser_name: comps.denoiser, "vae": comps.vae,
-                   "scheduler": comps.scheduler, **comps.text_encoders, **comps.tokenizers}
+        modules = {
+            self.denoiser_name: comps.denoiser,
+            "vae": comps.vae,
+            "scheduler": comps.scheduler,
+            **comps.text_encoders,
+            **comps.tokenizers,
+        }
         return self.pipeline_class(**modules, **self.pipeline_extras())
 
     def configure(self, comps: Components, recipe) -> None:
@@ -66,7 +71,9 @@ class Family:
         return {}
 
     def components_from_pipeline(self, pipe, identity: str) -> Components:
-        names = [n for n in ("text_encoder", "text_encoder_2", "text_encoder_3") if hasattr(pipe, n)]
+        names = [
+            n for n in ("text_encoder", "text_encoder_2", "text_encoder_3") if hasattr(pipe, n)
+        ]
         text_encoders = {n: getattr(pipe, n) for n in names if getattr(pipe, n) is not None}
         tok_names = [n.replace("text_encoder", "tokenizer") for n in text_encoders]
         return Components(
@@ -83,8 +90,9 @@ class Family:
     def encode_prompts(self, comps: Components, prompts: list[str]) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
-    def encode_images(self, comps: Components, pixels: torch.Tensor,
-                      generator: torch.Generator | None = None) -> torch.Tensor:
+    def encode_images(
+        self, comps: Components, pixels: torch.Tensor, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
         """pixels in [-1, 1], NCHW -> scaled latents ready for the denoiser."""
         vae = comps.vae
         posterior = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
@@ -96,13 +104,20 @@ class Family:
     def objective(self, comps: Components, train):
         raise NotImplementedError
 
-    def predict(self, comps: Components, noisy: torch.Tensor, timesteps: torch.Tensor,
-                cond: dict[str, torch.Tensor], batch: dict) -> torch.Tensor:
+    def predict(
+        self,
+        comps: Components,
+        noisy: torch.Tensor,
+        timesteps: torch.Tensor,
+        cond: dict[str, torch.Tensor],
+        batch: dict,
+    ) -> torch.Tensor:
         raise NotImplementedError
 
     # ---- adapters ------------------------------------------------------------------------
-    def save_lora(self, directory: Path, layers: dict[str, dict], metadata: dict[str, dict],
-                  weight_name: str) -> None:
+    def save_lora(
+        self, directory: Path, layers: dict[str, dict], metadata: dict[str, dict], weight_name: str
+    ) -> None:
         """layers: component name ('unet', 'text_encoder', ...) -> diffusers-format state dict."""
         kwargs = {f"{name}_lora_layers": sd for name, sd in layers.items()}
         kwargs.update({f"{name}_lora_adapter_metadata": md for name, md in metadata.items()})

@@ -114,4 +114,4 @@ BUILTINS = {
 
 
 def builtin_name(path: str) -> str | None:
-    return path[len(BUILTIN_PREFIX):] if path.startswith(BUILTIN_PREFIX) else None
+    return path[len(BUILTIN_PREFIX) :] if path.startswith(BUILTIN_PREFIX) else None

@@ -18,8 +18,16 @@ from tuner.families.tokenizer import vocab_size
 from tuner.flow import build_flow_objective
 
 # The joint attention of every MMDiT block: image stream (to_*) and text stream (add_*).
-JOINT_ATTENTION = ("to_q", "to_k", "to_v", "to_out.0",
-                   "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
+JOINT_ATTENTION = (
+    "to_q",
+    "to_k",
+    "to_v",
+    "to_out.0",
+    "add_q_proj",
+    "add_k_proj",
+    "add_v_proj",
+    "to_add_out",
+)
 
 
 class FlowMatchFamily(Family):
@@ -28,8 +36,11 @@ class FlowMatchFamily(Family):
     # OneTrainer's layout (`lora_transformer_<diffusers module path>`, lora_down/lora_up/alpha):
     # ComfyUI maps it for both Flux and SD3 (comfy/lora.py, next to the diffusers-style
     # `transformer.` keys), diffusers' Flux loader reads it, and it keeps a trained alpha.
-    kohya_prefixes = {"transformer": "lora_transformer", "text_encoder": "lora_te1",
-                      "text_encoder_2": "lora_te2"}
+    kohya_prefixes = {
+        "transformer": "lora_transformer",
+        "text_encoder": "lora_te1",
+        "text_encoder_2": "lora_te2",
+    }
     transformer_cls = None
     max_sequence_limit = 512  # what the pipelines accept
     latent_patch = 2  # the transformer sees 2x2 latent patches
@@ -38,8 +49,9 @@ class FlowMatchFamily(Family):
         return ()
 
     def load(self, model, dtype: torch.dtype) -> Components:
-        pipe = quantize.load_pipeline(self, model, dtype, self.transformer_cls,
-                                      self.leave_out(model))
+        pipe = quantize.load_pipeline(
+            self, model, dtype, self.transformer_cls, self.leave_out(model)
+        )
         comps = self.components_from_pipeline(pipe, identity=f"{self.name}:{model.path}")
         comps.extra["max_sequence_length"] = self.default_sequence_length(comps)
         return comps
@@ -50,16 +62,22 @@ class FlowMatchFamily(Family):
     def configure(self, comps: Components, recipe) -> None:
         train, data = recipe.train, recipe.data
         if recipe.adapter.text_encoder:
-            raise TunerError(f"adapter.text_encoder: text-encoder LoRA is not supported for "
-                             f"{self.name} (its T5 is cached, not trained); set it to false")
+            raise TunerError(
+                f"adapter.text_encoder: text-encoder LoRA is not supported for "
+                f"{self.name} (its T5 is cached, not trained); set it to false"
+            )
         if train.min_snr_gamma is not None:
-            raise TunerError(f"train.min_snr_gamma: applies to DDPM models only; {self.name} is "
-                             "flow-matching, use train.loss_weighting (none|sigma_sqrt|cosmap)")
+            raise TunerError(
+                f"train.min_snr_gamma: applies to DDPM models only; {self.name} is "
+                "flow-matching, use train.loss_weighting (none|sigma_sqrt|cosmap)"
+            )
         self.check_sizes(comps, data)
         length = train.max_sequence_length or self.default_sequence_length(comps)
         if length > self.max_sequence_limit:
-            raise TunerError(f"train.max_sequence_length: {length} is more than the "
-                             f"{self.max_sequence_limit} tokens the pipeline accepts")
+            raise TunerError(
+                f"train.max_sequence_length: {length} is more than the "
+                f"{self.max_sequence_limit} tokens the pipeline accepts"
+            )
         comps.extra["max_sequence_length"] = length
         comps.extra["guidance"] = train.guidance
         # The cached prompt embeddings depend on the sequence length.
@@ -68,16 +86,21 @@ class FlowMatchFamily(Family):
     def check_sizes(self, comps: Components, data) -> None:
         multiple = self.vae_scale(comps) * self.latent_patch
         sizes = [("data.resolution", data.resolution)]
-        sizes += [(f"data.datasets.{i}.resolution", e.resolution)
-                  for i, e in enumerate(data.datasets) if e.resolution]
+        sizes += [
+            (f"data.datasets.{i}.resolution", e.resolution)
+            for i, e in enumerate(data.datasets)
+            if e.resolution
+        ]
         buckets = data.bucket_options
         if buckets is not None:
             sizes.append(("data.buckets.step", buckets.step))
         for key, value in sizes:
             if value % multiple:
-                raise TunerError(f"{key}: {value} is not a multiple of {multiple}, which "
-                                 f"{self.name} needs (VAE x8 and 2x2 patches); use "
-                                 f"{max(multiple, value // multiple * multiple)}")
+                raise TunerError(
+                    f"{key}: {value} is not a multiple of {multiple}, which "
+                    f"{self.name} needs (VAE x8 and 2x2 patches); use "
+                    f"{max(multiple, value // multiple * multiple)}"
+                )
 
     @staticmethod
     def vae_scale(comps: Components) -> int:
@@ -86,11 +109,15 @@ class FlowMatchFamily(Family):
     def objective(self, comps: Components, train):
         config = comps.scheduler.config
         return build_flow_objective(
-            comps.scheduler, train, default_shift=config.get("shift", 1.0),
-            default_resolution_shift=bool(config.get("use_dynamic_shifting", False)))
+            comps.scheduler,
+            train,
+            default_shift=config.get("shift", 1.0),
+            default_resolution_shift=bool(config.get("use_dynamic_shifting", False)),
+        )
 
-    def save_lora(self, directory, layers: dict[str, dict], metadata: dict[str, dict],
-                  weight_name: str) -> None:
+    def save_lora(
+        self, directory, layers: dict[str, dict], metadata: dict[str, dict], weight_name: str
+    ) -> None:
         # convert_state_dict_to_diffusers gives UNet-era names (`lora.down`) to to_q/k/v/out and
         # leaves PEFT names (`lora_A`) on add_*_proj; the transformer loaders pick one naming
         # from the first key and silently drop the other layers. Save PEFT names throughout,
@@ -121,25 +148,46 @@ def offline_t5_tokenizer() -> T5TokenizerFast:
     return T5TokenizerFast(vocab=pieces, extra_ids=0)
 
 
-def t5_encoder(d_model: int, d_ff: int, layers: int, heads: int, d_kv: int,
-               vocab_size: int | None = None) -> T5EncoderModel:
+def t5_encoder(
+    d_model: int, d_ff: int, layers: int, heads: int, d_kv: int, vocab_size: int | None = None
+) -> T5EncoderModel:
     """A T5 v1.1 encoder (gated GELU, untied embeddings), as used by SD3 and Flux."""
-    config = T5Config(vocab_size=vocab_size or len(offline_t5_tokenizer()), d_model=d_model,
-                      d_ff=d_ff, num_layers=layers, num_heads=heads, d_kv=d_kv,
-                      feed_forward_proj="gated-gelu", tie_word_embeddings=False)
+    config = T5Config(
+        vocab_size=vocab_size or len(offline_t5_tokenizer()),
+        d_model=d_model,
+        d_ff=d_ff,
+        num_layers=layers,
+        num_heads=heads,
+        d_kv=d_kv,
+        feed_forward_proj="gated-gelu",
+        tie_word_embeddings=False,
+    )
     return T5EncoderModel(config).eval()  # as from_pretrained returns it: dropout off
 
 
-def clip_config(hidden: int, layers: int, heads: int, act: str = "quick_gelu",
-                projection: int | None = None, full_vocab: bool = False) -> CLIPTextConfig:
+def clip_config(
+    hidden: int,
+    layers: int,
+    heads: int,
+    act: str = "quick_gelu",
+    projection: int | None = None,
+    full_vocab: bool = False,
+) -> CLIPTextConfig:
     """A CLIP text config whose special-token ids are those of the offline CLIP tokenizer
     (CLIP pools at the first end-of-text id, so it must match the tokenizer's)."""
-    return CLIPTextConfig(vocab_size=49408 if full_vocab else vocab_size(), hidden_size=hidden,
-                          intermediate_size=hidden * 4 if full_vocab else hidden * 2,
-                          num_hidden_layers=layers, num_attention_heads=heads,
-                          max_position_embeddings=77, hidden_act=act,
-                          projection_dim=projection or hidden, bos_token_id=512,
-                          eos_token_id=513, pad_token_id=513)
+    return CLIPTextConfig(
+        vocab_size=49408 if full_vocab else vocab_size(),
+        hidden_size=hidden,
+        intermediate_size=hidden * 4 if full_vocab else hidden * 2,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        max_position_embeddings=77,
+        hidden_act=act,
+        projection_dim=projection or hidden,
+        bos_token_id=512,
+        eos_token_id=513,
+        pad_token_id=513,
+    )
 
 
 @contextlib.contextmanager

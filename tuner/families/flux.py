@@ -41,14 +41,18 @@ class FluxFamily(FlowMatchFamily):
 
     def configure(self, comps: Components, recipe) -> None:
         super().configure(comps, recipe)
-        self.modelspec_architecture = ("flux-1-dev" if has_guidance(comps.denoiser)
-                                       else "flux-1-schnell")
+        self.modelspec_architecture = (
+            "flux-1-dev" if has_guidance(comps.denoiser) else "flux-1-schnell"
+        )
 
     def encode_prompts(self, comps: Components, prompts: list[str]) -> dict[str, torch.Tensor]:
         pipe = self.encoding_pipeline(comps)
         embeds, pooled, _ = pipe.encode_prompt(
-            prompt=prompts, prompt_2=None, device=self.encoder_device(comps),
-            max_sequence_length=comps.extra["max_sequence_length"])
+            prompt=prompts,
+            prompt_2=None,
+            device=self.encoder_device(comps),
+            max_sequence_length=comps.extra["max_sequence_length"],
+        )
         return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
 
     def predict(self, comps, noisy, timesteps, cond, batch) -> torch.Tensor:
@@ -62,8 +66,9 @@ class FluxFamily(FlowMatchFamily):
         text_ids = torch.zeros(embeds.shape[1], 3, device=noisy.device, dtype=dtype)
         guidance = None
         if has_guidance(transformer):
-            guidance = torch.full((b,), comps.extra.get("guidance", 1.0), device=noisy.device,
-                                  dtype=torch.float32)
+            guidance = torch.full(
+                (b,), comps.extra.get("guidance", 1.0), device=noisy.device, dtype=torch.float32
+            )
         out = transformer(
             hidden_states=packed,
             timestep=timesteps / 1000,  # FluxPipeline's convention: the model sees sigma
@@ -91,16 +96,30 @@ def flux_scheduler(variant: str) -> FlowMatchEulerDiscreteScheduler:
     if variant == "schnell":
         return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)
     return FlowMatchEulerDiscreteScheduler(
-        num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
-        max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096)
+        num_train_timesteps=1000,
+        shift=3.0,
+        use_dynamic_shifting=True,
+        base_shift=0.5,
+        max_shift=1.15,
+        base_image_seq_len=256,
+        max_image_seq_len=4096,
+    )
 
 
 def flux_transformer_config(variant: str) -> dict:
     """FLUX.1-dev / -schnell transformer: 19 double + 38 single blocks, 24 heads x 128."""
-    return {"patch_size": 1, "in_channels": 64, "num_layers": 19, "num_single_layers": 38,
-            "attention_head_dim": 128, "num_attention_heads": 24, "joint_attention_dim": 4096,
-            "pooled_projection_dim": 768, "guidance_embeds": variant == "dev",
-            "axes_dims_rope": (16, 56, 56)}
+    return {
+        "patch_size": 1,
+        "in_channels": 64,
+        "num_layers": 19,
+        "num_single_layers": 38,
+        "attention_head_dim": 128,
+        "num_attention_heads": 24,
+        "joint_attention_dim": 4096,
+        "pooled_projection_dim": 768,
+        "guidance_embeds": variant == "dev",
+        "axes_dims_rope": (16, 56, 56),
+    }
 
 
 def flux_vae() -> AutoencoderKL:
@@ -108,9 +127,15 @@ def flux_vae() -> AutoencoderKL:
         block_out_channels=(128, 256, 512, 512),
         down_block_types=("DownEncoderBlock2D",) * 4,
         up_block_types=("UpDecoderBlock2D",) * 4,
-        layers_per_block=2, latent_channels=16, norm_num_groups=32, sample_size=1024,
-        scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False,
-        use_post_quant_conv=False, force_upcast=True,
+        layers_per_block=2,
+        latent_channels=16,
+        norm_num_groups=32,
+        sample_size=1024,
+        scaling_factor=0.3611,
+        shift_factor=0.1159,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        force_upcast=True,
     )
 
 
@@ -118,13 +143,26 @@ def build_tiny_flux() -> dict:
     """Flux.1-dev at toy size (guidance embedding on, resolution-dependent shift)."""
     torch.manual_seed(7)
     transformer = FluxTransformer2DModel(
-        patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=16,
-        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
-        guidance_embeds=True, axes_dims_rope=(4, 6, 6))
+        patch_size=1,
+        in_channels=64,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        pooled_projection_dim=32,
+        guidance_embeds=True,
+        axes_dims_rope=(4, 6, 6),
+    )
     return {
         "transformer": transformer,
-        "vae": tiny_vae(16, scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False,
-                        use_post_quant_conv=False),
+        "vae": tiny_vae(
+            16,
+            scaling_factor=0.3611,
+            shift_factor=0.1159,
+            use_quant_conv=False,
+            use_post_quant_conv=False,
+        ),
         "text_encoder": tiny_clip(32),
         "tokenizer": offline_clip_tokenizer(),
         "text_encoder_2": t5_encoder(32, 64, layers=2, heads=2, d_kv=16),
@@ -143,8 +181,9 @@ def build_arch_flux(variant: str = "dev") -> dict:
             "vae": flux_vae(),
             "text_encoder": CLIPTextModel(clip_config(768, 12, 12, full_vocab=True)),
             "tokenizer": offline_clip_tokenizer(),
-            "text_encoder_2": t5_encoder(4096, 10240, layers=24, heads=64, d_kv=64,
-                                         vocab_size=32128),
+            "text_encoder_2": t5_encoder(
+                4096, 10240, layers=24, heads=64, d_kv=64, vocab_size=32128
+            ),
             "tokenizer_2": offline_t5_tokenizer(),
             "scheduler": flux_scheduler(variant),
         }

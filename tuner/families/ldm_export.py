@@ -13,10 +13,21 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
-          "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
-VAE_ATTENTION = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v",
-                 "to_out.0": "proj_out"}
+RESNET = {
+    "norm1": "in_layers.0",
+    "conv1": "in_layers.2",
+    "time_emb_proj": "emb_layers.1",
+    "norm2": "out_layers.0",
+    "conv2": "out_layers.3",
+    "conv_shortcut": "skip_connection",
+}
+VAE_ATTENTION = {
+    "group_norm": "norm",
+    "to_q": "q",
+    "to_k": "k",
+    "to_v": "v",
+    "to_out.0": "proj_out",
+}
 
 
 def unet_to_ldm(state: dict[str, torch.Tensor], layers_per_block: int) -> dict[str, torch.Tensor]:
@@ -81,7 +92,8 @@ def vae_to_ldm(state: dict[str, torch.Tensor], num_levels: int) -> dict[str, tor
                 tail = ".".join(parts[5:])
                 sub = "nin_shortcut" if parts[5] == "conv_shortcut" else None
                 new = f"{side}.{group}.{level}.block.{parts[4]}." + (
-                    f"{sub}.{'.'.join(parts[6:])}" if sub else tail)
+                    f"{sub}.{'.'.join(parts[6:])}" if sub else tail
+                )
             else:
                 sampler = "downsample" if side == "encoder" else "upsample"
                 new = f"{side}.{group}.{level}.{sampler}.{'.'.join(parts[5:])}"

@@ -33,15 +33,19 @@ def source_kind(path: str) -> str:
     local = Path(path).expanduser()
     if local.is_dir():
         if not (local / "model_index.json").is_file():
-            raise TunerError(f"model.path: {path} has no model_index.json; point it at a diffusers "
-                             "pipeline folder (save_pretrained output) or a .safetensors file")
+            raise TunerError(
+                f"model.path: {path} has no model_index.json; point it at a diffusers "
+                "pipeline folder (save_pretrained output) or a .safetensors file"
+            )
         return "folder"
     if local.is_file():
         return "file"
     if HUB_ID.match(path) and not path.startswith((".", "/", "~")):
         return "hub"
-    raise TunerError(f"model.path: {path} not found; give a diffusers folder, a .safetensors "
-                     "file, a hub id (org/name) or a builtin such as builtin:tiny-sd15")
+    raise TunerError(
+        f"model.path: {path} not found; give a diffusers folder, a .safetensors "
+        "file, a hub id (org/name) or a builtin such as builtin:tiny-sd15"
+    )
 
 
 def detect_family(path: str) -> str:
@@ -64,8 +68,9 @@ def _family_from_folder(folder: Path) -> str:
         config = json.loads((folder / "unet" / "config.json").read_text())
         # SD2 conditions on OpenCLIP-H (1024 wide, or wider in our tiny sd2) instead of CLIP-L.
         return "sd2" if config.get("use_linear_projection") else "sd15"
-    raise TunerError(f"model.path: cannot tell the family of {folder} ({cls or 'no class'}); "
-                     "set model.family")
+    raise TunerError(
+        f"model.path: cannot tell the family of {folder} ({cls or 'no class'}); set model.family"
+    )
 
 
 def _family_from_file(file: Path) -> str:
@@ -94,8 +99,10 @@ def _family_from_hub(repo: str) -> str:
     try:
         index = DiffusionPipeline.load_config(repo)
     except Exception as exc:  # offline, private, or missing repo
-        raise TunerError(f"model.path: could not read {repo} from the hub ({type(exc).__name__}); "
-                         "set model.family, or use a local folder") from None
+        raise TunerError(
+            f"model.path: could not read {repo} from the hub ({type(exc).__name__}); "
+            "set model.family, or use a local folder"
+        ) from None
     cls = index.get("_class_name", "")
     if cls in PIPELINE_FAMILIES:
         return PIPELINE_FAMILIES[cls]
@@ -122,23 +129,29 @@ def load_pipeline_modules(family, model, dtype: torch.dtype, components: dict | 
             **extras,
         )
     except OSError as exc:
-        raise TunerError(f"model.path: could not load {model.path} ({_short(exc)}); if the files "
-                         "are .bin/.ckpt pickles, convert them or set model.allow_pickle: true")
+        raise TunerError(
+            f"model.path: could not load {model.path} ({_short(exc)}); if the files "
+            "are .bin/.ckpt pickles, convert them or set model.allow_pickle: true"
+        ) from None
 
 
 def _from_single_file(family, model, dtype, extras):
     path = Path(model.path).expanduser()
     if path.suffix in PICKLE_SUFFIXES and not model.allow_pickle:
-        raise TunerError(f"model.path: {path.name} is a pickle file, which can run code when "
-                         "loaded; use a .safetensors file or set model.allow_pickle: true")
+        raise TunerError(
+            f"model.path: {path.name} is a pickle file, which can run code when "
+            "loaded; use a .safetensors file or set model.allow_pickle: true"
+        )
     kwargs = {"torch_dtype": dtype, **extras}
     if model.config:
         kwargs["config"] = model.config
     try:
         return family.pipeline_class.from_single_file(str(path), **kwargs)
     except (OSError, ValueError) as exc:
-        raise TunerError(f"model.path: could not load single file {path.name} ({_short(exc)}); "
-                         "set model.config to a local diffusers folder of the same architecture")
+        raise TunerError(
+            f"model.path: could not load single file {path.name} ({_short(exc)}); "
+            "set model.config to a local diffusers folder of the same architecture"
+        ) from None
 
 
 def _short(exc: Exception) -> str:

@@ -31,8 +31,12 @@ def bnb_config(kind: str, dtype: torch.dtype):
     if kind == "nf4":
         # fp32 training still computes the 4-bit matmuls in bf16: NF4 weights are the error floor.
         compute = dtype if dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
-        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                  bnb_4bit_compute_dtype=compute, bnb_4bit_use_double_quant=True)
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_compute_dtype=compute,
+            bnb_4bit_use_double_quant=True,
+        )
     if kind == "int8":
         return BitsAndBytesConfig(load_in_8bit=True)
     raise TunerError(f"model.quantize: unknown kind {kind!r}; use none, nf4 or int8")
@@ -40,13 +44,17 @@ def bnb_config(kind: str, dtype: torch.dtype):
 
 def require_quantizable(kind: str) -> None:
     if not torch.cuda.is_available():
-        raise TunerError(f"model.quantize: {kind} needs a CUDA GPU (bitsandbytes quantizes while "
-                         "loading onto it); set model.quantize=none on this machine")
+        raise TunerError(
+            f"model.quantize: {kind} needs a CUDA GPU (bitsandbytes quantizes while "
+            "loading onto it); set model.quantize=none on this machine"
+        )
     try:
         import bitsandbytes  # noqa: F401
     except Exception as exc:  # ImportError, or a broken CUDA setup raising at import
-        raise TunerError(f"model.quantize: bitsandbytes failed to load ({type(exc).__name__}); "
-                         "pip install bitsandbytes, or set model.quantize=none") from None
+        raise TunerError(
+            f"model.quantize: bitsandbytes failed to load ({type(exc).__name__}); "
+            "pip install bitsandbytes, or set model.quantize=none"
+        ) from None
 
 
 def load_pipeline(family, model, dtype: torch.dtype, transformer_cls, leave_out=()):
@@ -76,15 +84,23 @@ def load_quantized(transformer_cls, model, kind: str, dtype: torch.dtype):
     try:
         if source == "file":
             kwargs = {"config": model.config, "subfolder": "transformer"} if model.config else {}
-            return transformer_cls.from_single_file(path, quantization_config=config,
-                                                    torch_dtype=dtype, **kwargs)
-        return transformer_cls.from_pretrained(path, subfolder="transformer",
-                                               quantization_config=config, torch_dtype=dtype,
-                                               revision=model.revision, variant=model.variant)
+            return transformer_cls.from_single_file(
+                path, quantization_config=config, torch_dtype=dtype, **kwargs
+            )
+        return transformer_cls.from_pretrained(
+            path,
+            subfolder="transformer",
+            quantization_config=config,
+            torch_dtype=dtype,
+            revision=model.revision,
+            variant=model.variant,
+        )
     except (OSError, ValueError) as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
-        raise TunerError(f"model.path: could not load the transformer of {model.path} "
-                         f"quantized to {kind} ({first}); try model.quantize=none") from None
+        raise TunerError(
+            f"model.path: could not load the transformer of {model.path} "
+            f"quantized to {kind} ({first}); try model.quantize=none"
+        ) from None
 
 
 def quantize_module(module, kind: str, dtype: torch.dtype, workdir: str | None = None):
@@ -97,8 +113,9 @@ def quantize_module(module, kind: str, dtype: torch.dtype, workdir: str | None =
 
 
 def load_quantized_folder(cls, folder: str, kind: str, dtype: torch.dtype):
-    return cls.from_pretrained(folder, quantization_config=bnb_config(kind, dtype),
-                               torch_dtype=dtype)
+    return cls.from_pretrained(
+        folder, quantization_config=bnb_config(kind, dtype), torch_dtype=dtype
+    )
 
 
 def park(transformer, kind: str) -> None:
@@ -108,5 +125,6 @@ def park(transformer, kind: str) -> None:
 
 
 def is_quantized(module) -> bool:
-    return bool(getattr(module, "is_loaded_in_4bit", False) or
-                getattr(module, "is_loaded_in_8bit", False))
+    return bool(
+        getattr(module, "is_loaded_in_4bit", False) or getattr(module, "is_loaded_in_8bit", False)
+    )

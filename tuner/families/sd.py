@@ -18,8 +18,9 @@ class StableDiffusionFamily(Family):
     def __init__(self, name: str, default_resolution: int):
         self.name = name
         self.default_resolution = default_resolution
-        self.modelspec_architecture = ("stable-diffusion-v1" if name == "sd15"
-                                       else "stable-diffusion-v2-768-v")
+        self.modelspec_architecture = (
+            "stable-diffusion-v1" if name == "sd15" else "stable-diffusion-v2-768-v"
+        )
 
     def pipeline_extras(self) -> dict:
         return {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
@@ -33,15 +34,21 @@ class StableDiffusionFamily(Family):
 
     def encode_prompts(self, comps: Components, prompts: list[str]) -> dict[str, torch.Tensor]:
         tokenizer, encoder = comps.tokenizers["tokenizer"], comps.text_encoders["text_encoder"]
-        ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length,
-                        truncation=True, return_tensors="pt").input_ids
+        ids = tokenizer(
+            prompts,
+            padding="max_length",
+            max_length=tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids
         return {"prompt_embeds": encoder(ids.to(encoder.device))[0]}
 
     def objective(self, comps: Components, train) -> DDPMObjective:
         # Training noise follows the DDPM formula whatever sampler the checkpoint ships.
         scheduler = DDPMScheduler.from_config(comps.scheduler.config)
-        return DDPMObjective(scheduler, noise_offset=train.noise_offset,
-                             min_snr_gamma=train.min_snr_gamma)
+        return DDPMObjective(
+            scheduler, noise_offset=train.noise_offset, min_snr_gamma=train.min_snr_gamma
+        )
 
     def predict(self, comps, noisy, timesteps, cond, batch) -> torch.Tensor:
         return comps.denoiser(noisy, timesteps, encoder_hidden_states=cond["prompt_embeds"]).sample

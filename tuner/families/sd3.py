@@ -55,16 +55,26 @@ class SD3Family(FlowMatchFamily):
             self.modelspec_architecture = "stable-diffusion-3-medium"
 
     def build_pipeline(self, comps: Components):
-        modules = {"transformer": comps.denoiser, "vae": comps.vae, "scheduler": comps.scheduler,
-                   **dict.fromkeys(T5_PARTS), **comps.text_encoders, **comps.tokenizers}
+        modules = {
+            "transformer": comps.denoiser,
+            "vae": comps.vae,
+            "scheduler": comps.scheduler,
+            **dict.fromkeys(T5_PARTS),
+            **comps.text_encoders,
+            **comps.tokenizers,
+        }
         return self.pipeline_class(**modules)
 
     def encode_prompts(self, comps: Components, prompts: list[str]) -> dict[str, torch.Tensor]:
         pipe = self.encoding_pipeline(comps)
         embeds, _, pooled, _ = pipe.encode_prompt(
-            prompt=prompts, prompt_2=None, prompt_3=None, device=self.encoder_device(comps),
+            prompt=prompts,
+            prompt_2=None,
+            prompt_3=None,
+            device=self.encoder_device(comps),
             do_classifier_free_guidance=False,
-            max_sequence_length=comps.extra["max_sequence_length"])
+            max_sequence_length=comps.extra["max_sequence_length"],
+        )
         return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
 
     def predict(self, comps, noisy, timesteps, cond, batch) -> torch.Tensor:
@@ -87,10 +97,20 @@ def sd3_scheduler() -> FlowMatchEulerDiscreteScheduler:
 
 def sd35_large_transformer_config() -> dict:
     """SD3.5 Large: 38 blocks, 38 heads x 64, QK RMS-norm, 2432-wide context projection."""
-    return {"sample_size": 128, "patch_size": 2, "in_channels": 16, "num_layers": 38,
-            "attention_head_dim": 64, "num_attention_heads": 38, "joint_attention_dim": 4096,
-            "caption_projection_dim": 2432, "pooled_projection_dim": 2048, "out_channels": 16,
-            "pos_embed_max_size": 192, "qk_norm": "rms_norm"}
+    return {
+        "sample_size": 128,
+        "patch_size": 2,
+        "in_channels": 16,
+        "num_layers": 38,
+        "attention_head_dim": 64,
+        "num_attention_heads": 38,
+        "joint_attention_dim": 4096,
+        "caption_projection_dim": 2432,
+        "pooled_projection_dim": 2048,
+        "out_channels": 16,
+        "pos_embed_max_size": 192,
+        "qk_norm": "rms_norm",
+    }
 
 
 def sd3_vae() -> AutoencoderKL:
@@ -98,9 +118,15 @@ def sd3_vae() -> AutoencoderKL:
         block_out_channels=(128, 256, 512, 512),
         down_block_types=("DownEncoderBlock2D",) * 4,
         up_block_types=("UpDecoderBlock2D",) * 4,
-        layers_per_block=2, latent_channels=16, norm_num_groups=32, sample_size=1024,
-        scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False,
-        use_post_quant_conv=False, force_upcast=True,
+        layers_per_block=2,
+        latent_channels=16,
+        norm_num_groups=32,
+        sample_size=1024,
+        scaling_factor=1.5305,
+        shift_factor=0.0609,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        force_upcast=True,
     )
 
 
@@ -109,13 +135,28 @@ def build_tiny_sd3() -> dict:
     concatenate to 64 = the T5 width, their projections to 64 = the pooled width)."""
     torch.manual_seed(3)
     transformer = SD3Transformer2DModel(
-        sample_size=32, patch_size=2, in_channels=16, num_layers=2, attention_head_dim=8,
-        num_attention_heads=4, joint_attention_dim=64, caption_projection_dim=32,
-        pooled_projection_dim=64, out_channels=16, pos_embed_max_size=64, qk_norm="rms_norm")
+        sample_size=32,
+        patch_size=2,
+        in_channels=16,
+        num_layers=2,
+        attention_head_dim=8,
+        num_attention_heads=4,
+        joint_attention_dim=64,
+        caption_projection_dim=32,
+        pooled_projection_dim=64,
+        out_channels=16,
+        pos_embed_max_size=64,
+        qk_norm="rms_norm",
+    )
     return {
         "transformer": transformer,
-        "vae": tiny_vae(16, scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False,
-                        use_post_quant_conv=False),
+        "vae": tiny_vae(
+            16,
+            scaling_factor=1.5305,
+            shift_factor=0.0609,
+            use_quant_conv=False,
+            use_post_quant_conv=False,
+        ),
         "text_encoder": CLIPTextModelWithProjection(clip_config(32, 2, 2)),
         "tokenizer": offline_clip_tokenizer(),
         "text_encoder_2": CLIPTextModelWithProjection(clip_config(32, 2, 2, act="gelu")),
@@ -133,14 +174,15 @@ def build_arch_sd35() -> dict:
         return {
             "transformer": SD3Transformer2DModel(**sd35_large_transformer_config()),
             "vae": sd3_vae(),
-            "text_encoder": CLIPTextModelWithProjection(
-                clip_config(768, 12, 12, full_vocab=True)),
+            "text_encoder": CLIPTextModelWithProjection(clip_config(768, 12, 12, full_vocab=True)),
             "tokenizer": offline_clip_tokenizer(),
             "text_encoder_2": CLIPTextModelWithProjection(
-                clip_config(1280, 32, 20, act="gelu", full_vocab=True)),
+                clip_config(1280, 32, 20, act="gelu", full_vocab=True)
+            ),
             "tokenizer_2": offline_clip_tokenizer("!"),
-            "text_encoder_3": t5_encoder(4096, 10240, layers=24, heads=64, d_kv=64,
-                                         vocab_size=32128),
+            "text_encoder_3": t5_encoder(
+                4096, 10240, layers=24, heads=64, d_kv=64, vocab_size=32128
+            ),
             "tokenizer_3": offline_t5_tokenizer(),
             "scheduler": sd3_scheduler(),
         }

@@ -60,6 +60,9 @@ class SDXLFamily(Family):
         # the dtype is settled here (their weights keep that dtype's rounding).
         comps.vae.to(dtype if model.vae_path else torch.float32)
         decode_in_vae_dtype(comps.vae)
+        # One image at a time through the VAE: a batch of 8 at 1024x1024 in fp32 (the latent
+        # cache's batch) would need more activation memory than training itself.
+        comps.vae.enable_slicing()
         if model.prediction_type:
             comps.scheduler.register_to_config(prediction_type=model.prediction_type)
         return comps
@@ -70,28 +73,39 @@ class SDXLFamily(Family):
         for tokenizer_name, encoder_name in ENCODERS:
             tokenizer = comps.tokenizers[tokenizer_name]
             encoder = comps.text_encoders[encoder_name]
-            ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length,
-                            truncation=True, return_tensors="pt").input_ids
+            ids = tokenizer(
+                prompts,
+                padding="max_length",
+                max_length=tokenizer.model_max_length,
+                truncation=True,
+                return_tensors="pt",
+            ).input_ids
             output = encoder(ids.to(encoder.device), output_hidden_states=True)
             hidden.append(output.hidden_states[-2])
         # The loop ends on encoder 2 (CLIPTextModelWithProjection): its projection is the pooled
         # embedding the UNet's added conditioning expects.
-        return {"prompt_embeds": torch.cat(hidden, dim=-1),
-                "pooled_prompt_embeds": output.text_embeds}
+        return {
+            "prompt_embeds": torch.cat(hidden, dim=-1),
+            "pooled_prompt_embeds": output.text_embeds,
+        }
 
     # ---- training ------------------------------------------------------------------------
     def objective(self, comps: Components, train) -> DDPMObjective:
         # SDXL ships an Euler sampler, whose add_noise works in sigma space; training needs the
         # DDPM forward process over the same betas and prediction type.
         noise_scheduler = DDPMScheduler.from_config(comps.scheduler.config)
-        return DDPMObjective(noise_scheduler, noise_offset=train.noise_offset,
-                             min_snr_gamma=train.min_snr_gamma)
+        return DDPMObjective(
+            noise_scheduler, noise_offset=train.noise_offset, min_snr_gamma=train.min_snr_gamma
+        )
 
     def predict(self, comps, noisy, timesteps, cond, batch) -> torch.Tensor:
-        added = {"text_embeds": cond["pooled_prompt_embeds"],
-                 "time_ids": time_ids(batch).to(noisy.device)}
-        return comps.denoiser(noisy, timesteps, encoder_hidden_states=cond["prompt_embeds"],
-                              added_cond_kwargs=added).sample
+        added = {
+            "text_embeds": cond["pooled_prompt_embeds"],
+            "time_ids": time_ids(batch).to(noisy.device),
+        }
+        return comps.denoiser(
+            noisy, timesteps, encoder_hidden_states=cond["prompt_embeds"], added_cond_kwargs=added
+        ).sample
 
 
 def time_ids(batch: dict) -> torch.Tensor:
@@ -111,9 +125,14 @@ def released_vae_in_fp32(model) -> AutoencoderKL | None:
         return None
     path = str(Path(model.path).expanduser()) if kind == "folder" else model.path
     try:
-        return AutoencoderKL.from_pretrained(path, subfolder="vae", revision=model.revision,
-                                             variant=model.variant, torch_dtype=torch.float32,
-                                             use_safetensors=None if model.allow_pickle else True)
+        return AutoencoderKL.from_pretrained(
+            path,
+            subfolder="vae",
+            revision=model.revision,
+            variant=model.variant,
+            torch_dtype=torch.float32,
+            use_safetensors=None if model.allow_pickle else True,
+        )
     except OSError:
         return None  # the pipeline load below reports what is wrong with the model
 
@@ -127,26 +146,34 @@ def load_vae(model, dtype: torch.dtype) -> AutoencoderKL:
     try:
         if local.is_file():
             if local.suffix in PICKLE_SUFFIXES and not model.allow_pickle:
-                raise TunerError(f"model.vae_path: {local.name} is a pickle file, which can run "
-                                 "code when loaded; use a .safetensors file or set "
-                                 "model.allow_pickle: true")
+                raise TunerError(
+                    f"model.vae_path: {local.name} is a pickle file, which can run "
+                    "code when loaded; use a .safetensors file or set "
+                    "model.allow_pickle: true"
+                )
             # Offline, a single file needs its config from a diffusers folder (model.config).
             config = {"config": model.config, "subfolder": "vae"} if model.config else {}
             return AutoencoderKL.from_single_file(str(local), torch_dtype=dtype, **config)
         if local.is_dir():
             subfolder = "vae" if (local / "vae" / "config.json").is_file() else None
-            return AutoencoderKL.from_pretrained(str(local), subfolder=subfolder,
-                                                 torch_dtype=dtype, use_safetensors=safetensors)
+            return AutoencoderKL.from_pretrained(
+                str(local), subfolder=subfolder, torch_dtype=dtype, use_safetensors=safetensors
+            )
         if HUB_ID.match(path):
-            return AutoencoderKL.from_pretrained(path, torch_dtype=dtype,
-                                                 use_safetensors=safetensors)
+            return AutoencoderKL.from_pretrained(
+                path, torch_dtype=dtype, use_safetensors=safetensors
+            )
     except (OSError, ValueError) as exc:
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
-        raise TunerError(f"model.vae_path: could not load {path} ({reason}); give an "
-                         "AutoencoderKL folder, a hub id or a .safetensors file") from None
-    raise TunerError(f"model.vae_path: {path} not found; give an AutoencoderKL folder "
-                     "(config.json + weights), a hub id such as madebyollin/sdxl-vae-fp16-fix, "
-                     "or a .safetensors file")
+        raise TunerError(
+            f"model.vae_path: could not load {path} ({reason}); give an "
+            "AutoencoderKL folder, a hub id or a .safetensors file"
+        ) from None
+    raise TunerError(
+        f"model.vae_path: {path} not found; give an AutoencoderKL folder "
+        "(config.json + weights), a hub id such as madebyollin/sdxl-vae-fp16-fix, "
+        "or a .safetensors file"
+    )
 
 
 def decode_in_vae_dtype(vae: AutoencoderKL) -> None:

@@ -20,8 +20,11 @@ def register(sub) -> None:
     p.add_argument("--steps", type=int, default=20, help="timed training steps")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first")
     p.add_argument("--samples", type=int, default=32, help="samples for the data benchmark")
-    p.add_argument("--no-uncached", action="store_true",
-                   help="skip the run without cache (slow for big models)")
+    p.add_argument(
+        "--no-uncached",
+        action="store_true",
+        help="skip the run without cache (slow for big models)",
+    )
     p.add_argument("--no-data", action="store_true", help="skip the data-pipeline benchmark")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=run)
@@ -63,8 +66,9 @@ def data_throughput(recipe, samples: int) -> dict:
     family = families.for_model(recipe.model)
     comps = family.load(recipe.model, DTYPES[recipe.train.mixed_precision])
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    plan = cache_plan(recipe.model_copy(update={"data": recipe.data.model_copy(
-        update={"cache": True})}), comps)
+    plan = cache_plan(
+        recipe.model_copy(update={"data": recipe.data.model_copy(update={"cache": True})}), comps
+    )
     build_cache(items, recipe.data, plan, family, comps, device)
     picks = [i % len(items) for i in range(samples)]
 
@@ -94,15 +98,26 @@ def train_throughput(args, extra: list[str]) -> dict:
     from tuner.train import run_training
 
     total = args.warmup + args.steps
-    overrides = [*args.overrides, *extra, f"train.steps={total}", f"log.every={args.warmup}",
-                 "sample.prompts=[]", "output.save_every=0", "output.overwrite=true"]
+    overrides = [
+        *args.overrides,
+        *extra,
+        f"train.steps={total}",
+        f"log.every={args.warmup}",
+        "sample.prompts=[]",
+        "output.save_every=0",
+        "output.overwrite=true",
+    ]
     recipe = load_recipe(args.recipe, overrides)
     result = run_training(recipe)
     (s0, t0), (s1, t1) = result.log_times[0], result.log_times[-1]
     steps_per_s = (s1 - s0) / (t1 - t0)
     batch = recipe.train.batch_size * recipe.train.grad_accum
-    out = {"steps_per_s": round(steps_per_s, 3), "images_per_s": round(steps_per_s * batch, 2),
-           "s_per_step": round(1 / steps_per_s, 3), "batch": batch}
+    out = {
+        "steps_per_s": round(steps_per_s, 3),
+        "images_per_s": round(steps_per_s * batch, 2),
+        "s_per_step": round(1 / steps_per_s, 3),
+        "batch": batch,
+    }
     if torch.cuda.is_available():
         out["peak_mem_gib"] = round(result.peak_memory / 2**30, 2)
     flops = result.flops_per_step

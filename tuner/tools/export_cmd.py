@@ -16,27 +16,40 @@ from tuner.tools.sample_cmd import DTYPES, quiet_progress
 
 
 def register(sub) -> None:
-    p = sub.add_parser("export", help="convert an adapter: tuner export PATH --format "
-                                      "kohya|diffusers [--out FILE]")
+    p = sub.add_parser(
+        "export", help="convert an adapter: tuner export PATH --format kohya|diffusers [--out FILE]"
+    )
     p.add_argument("path", help="adapter .safetensors, or a training output dir")
     p.add_argument("--format", required=True, choices=("kohya", "diffusers"))
-    p.add_argument("--out", help="file to write (default: beside the input, *_kohya.safetensors "
-                                 "or without _kohya)")
-    p.add_argument("--model", help="base model (kohya -> diffusers reads its layer names; "
-                                   "default: the base model named in the file's metadata)")
+    p.add_argument(
+        "--out",
+        help="file to write (default: beside the input, *_kohya.safetensors or without _kohya)",
+    )
+    p.add_argument(
+        "--model",
+        help="base model (kohya -> diffusers reads its layer names; "
+        "default: the base model named in the file's metadata)",
+    )
     p.add_argument("--family", choices=FAMILY_NAMES, help="model family, if not in the metadata")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     p.set_defaults(func=cmd_export)
 
-    m = sub.add_parser("merge", help="fuse an adapter into the base and save a diffusers "
-                                     "pipeline: tuner merge BASE ADAPTER --scale S --out DIR")
+    m = sub.add_parser(
+        "merge",
+        help="fuse an adapter into the base and save a diffusers "
+        "pipeline: tuner merge BASE ADAPTER --scale S --out DIR",
+    )
     m.add_argument("base", help="diffusers folder, .safetensors file, hub id or builtin:NAME")
     m.add_argument("adapter", help="adapter .safetensors (diffusers or kohya) or output dir")
     m.add_argument("--scale", type=float, default=1.0)
     m.add_argument("--out", required=True, help="folder for the merged pipeline")
     m.add_argument("--family", choices=FAMILY_NAMES)
-    m.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "bf16"),
-                   help="dtype of the fused and saved weights (default fp32)")
+    m.add_argument(
+        "--dtype",
+        default="fp32",
+        choices=("fp32", "fp16", "bf16"),
+        help="dtype of the fused and saved weights (default fp32)",
+    )
     m.add_argument("--device", default="cpu", help="where to fuse (default cpu)")
     m.add_argument("--overwrite", action="store_true", help="replace an existing pipeline folder")
     m.set_defaults(func=cmd_merge)
@@ -47,14 +60,27 @@ def register(sub) -> None:
 
 def cmd_export(args) -> int:
     quiet_progress(args)
-    out = convert(Path(args.path), args.format, Path(args.out) if args.out else None,
-                  model=args.model, family=args.family, overwrite=args.overwrite)
+    out = convert(
+        Path(args.path),
+        args.format,
+        Path(args.out) if args.out else None,
+        model=args.model,
+        family=args.family,
+        overwrite=args.overwrite,
+    )
     print(f"wrote {out}")
     return 0
 
 
-def convert(path: Path, fmt: str, out: Path | None = None, *, model: str | None = None,
-            family: str | None = None, overwrite: bool = False) -> Path:
+def convert(
+    path: Path,
+    fmt: str,
+    out: Path | None = None,
+    *,
+    model: str | None = None,
+    family: str | None = None,
+    overwrite: bool = False,
+) -> Path:
     """Convert one adapter file to `fmt`; the metadata travels with it."""
     from tuner import export
 
@@ -119,14 +145,17 @@ def base_components(metadata: dict, family: str | None, model: str | None):
 
     path = model or metadata.get("tuner_base_model") or metadata.get("ss_sd_model_name")
     if not path:
-        raise TunerError("kohya -> diffusers needs the base model's layer names; pass --model "
-                         "(the model the adapter was trained on)")
+        raise TunerError(
+            "kohya -> diffusers needs the base model's layer names; pass --model "
+            "(the model the adapter was trained on)"
+        )
     section = ModelSection(path=path, family=family or metadata.get("tuner_family"))
     try:
         fam = families.for_model(section)
     except TunerError as exc:
-        raise TunerError(f"base model {path!r} from the adapter's metadata: {exc}; pass "
-                         "--model") from None
+        raise TunerError(
+            f"base model {path!r} from the adapter's metadata: {exc}; pass --model"
+        ) from None
     return fam, fam.load(section, torch.bfloat16)
 
 
@@ -135,17 +164,35 @@ def base_components(metadata: dict, family: str | None, model: str | None):
 
 def cmd_merge(args) -> int:
     quiet_progress(args)
-    out = merge(args.base, args.adapter, args.scale, Path(args.out), family=args.family,
-                dtype=args.dtype, device=args.device, overwrite=args.overwrite)
+    out = merge(
+        args.base,
+        args.adapter,
+        args.scale,
+        Path(args.out),
+        family=args.family,
+        dtype=args.dtype,
+        device=args.device,
+        overwrite=args.overwrite,
+    )
     print(f"merged pipeline saved to {out}")
     return 0
 
 
-def merge(base: str, adapter: str, scale: float, out: Path, *, family: str | None = None,
-          dtype: str = "fp32", device: str = "cpu", overwrite: bool = False) -> Path:
+def merge(
+    base: str,
+    adapter: str,
+    scale: float,
+    out: Path,
+    *,
+    family: str | None = None,
+    dtype: str = "fp32",
+    device: str = "cpu",
+    overwrite: bool = False,
+) -> Path:
     """Fuse adapter * scale into the base weights, drop the LoRA layers, save the pipeline.
     Written to a temporary folder first, so a failure leaves `out` as it was."""
-    from tuner.sample import load_adapters, load_base, lora_specs
+    from tuner.tools.pipelines import load_adapters, load_base, lora_specs
+
     guard_merge_out(out, overwrite)
     spec = lora_specs([adapter])[0]
     fam, pipe = load_base(base, family, DTYPES[dtype])
@@ -157,8 +204,13 @@ def merge(base: str, adapter: str, scale: float, out: Path, *, family: str | Non
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     pipe.to("cpu").save_pretrained(str(tmp), safe_serialization=True)
-    info = {"base": base, "family": fam.name, "adapter": str(spec.path),
-            "scale": scale * spec.scale, "dtype": dtype}
+    info = {
+        "base": base,
+        "family": fam.name,
+        "adapter": str(spec.path),
+        "scale": scale * spec.scale,
+        "dtype": dtype,
+    }
     (tmp / "tuner_merge.json").write_text(json.dumps(info, indent=2))
     if out.exists():
         shutil.rmtree(out)
@@ -172,5 +224,7 @@ def guard_merge_out(out: Path, overwrite: bool) -> None:
     if not overwrite:
         raise TunerError(f"{out} exists; choose another --out or pass --overwrite")
     if not (out / "model_index.json").is_file():
-        raise TunerError(f"{out} is not a diffusers pipeline folder; --overwrite only replaces "
-                         "those, so choose another --out")
+        raise TunerError(
+            f"{out} is not a diffusers pipeline folder; --overwrite only replaces "
+            "those, so choose another --out"
+        )

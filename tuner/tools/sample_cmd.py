@@ -14,16 +14,18 @@ from tuner.errors import TunerError
 from tuner.recipe import FAMILY_NAMES
 from tuner.sample import (
     SCHEDULER_NAMES,
-    AdapterChoice,
-    LoraSpec,
     check_axes,
-    grid_cells,
-    lora_specs,
     make_grid,
     pipeline_default,
     png_info,
-    render_cells,
     save_grid,
+)
+from tuner.tools.pipelines import (
+    AdapterChoice,
+    LoraSpec,
+    grid_cells,
+    lora_specs,
+    render_cells,
 )
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -44,31 +46,59 @@ class Settings:
 
 
 def register(sub) -> None:
-    p = sub.add_parser("sample", help="render PNGs: tuner sample MODEL --lora PATH[:SCALE] "
-                                      "--prompt TEXT --seed N --out DIR")
-    p.add_argument("model", help="diffusers folder, .safetensors file, hub id or builtin:NAME")
+    p = sub.add_parser(
+        "sample",
+        help="render PNGs: tuner sample MODEL --lora PATH[:SCALE] --prompt TEXT --seed N --out DIR",
+    )
+    p.add_argument(
+        "model",
+        nargs="?",
+        help="diffusers folder, .safetensors file, hub id or "
+        "builtin:NAME (default: the base model named in the first --lora's metadata)",
+    )
     add_render_flags(p)
     p.add_argument("--out", default="samples", help="folder for the PNGs (default: samples)")
     p.set_defaults(func=cmd_sample)
 
-    g = sub.add_parser("grid", help="labelled grid + JSON index: tuner grid MODEL --lora A "
-                                    "--scales 0,1 ... or tuner grid --checkpoints OUTPUT_DIR")
-    g.add_argument("model", nargs="?", help="base model (with --checkpoints: the recipe's)")
-    g.add_argument("--checkpoints", metavar="OUTPUT_DIR",
-                   help="one column per saved checkpoint of this training output, then the final")
+    g = sub.add_parser(
+        "grid",
+        help="labelled grid + JSON index: tuner grid MODEL --lora A "
+        "--scales 0,1 ... or tuner grid --checkpoints OUTPUT_DIR",
+    )
+    g.add_argument(
+        "model",
+        nargs="?",
+        help="base model (default: the recipe's with "
+        "--checkpoints, else the one named in the first --lora's metadata)",
+    )
+    g.add_argument(
+        "--checkpoints",
+        metavar="OUTPUT_DIR",
+        help="one column per saved checkpoint of this training output, then the final",
+    )
     add_render_flags(g)
     g.add_argument("--scales", help="adapter scales, comma separated, e.g. 0,0.5,1")
     g.add_argument("--rows", help="axes from prompt,seed,scale,step,adapter (default prompt,seed)")
-    g.add_argument("--cols", help="axes for columns (default: step with --checkpoints, else "
-                                  "scale, and adapter when several --lora)")
-    g.add_argument("--out", help="grid PNG (default grid.png; with --checkpoints "
-                                 "OUTPUT_DIR/samples/checkpoints.png)")
+    g.add_argument(
+        "--cols",
+        help="axes for columns (default: step with --checkpoints, else "
+        "scale, and adapter when several --lora)",
+    )
+    g.add_argument(
+        "--out",
+        help="grid PNG (default grid.png; with --checkpoints OUTPUT_DIR/samples/checkpoints.png)",
+    )
     g.set_defaults(func=cmd_grid)
 
 
 def add_render_flags(p) -> None:
-    p.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
-                   help="output dir or .safetensors (diffusers or kohya); repeatable")
+    p.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="PATH[:SCALE]",
+        help="output dir or .safetensors (diffusers or kohya); repeatable",
+    )
     p.add_argument("--prompt", action="append", default=[], help="repeatable")
     p.add_argument("--prompt-file", help="one prompt per line")
     p.add_argument("--seed", action="append", type=int, help="repeatable (default 0)")
@@ -103,9 +133,18 @@ def cmd_sample(args) -> int:
     prompts = read_prompts(args)
     if not prompts:
         raise TunerError("no prompt; give --prompt TEXT (repeatable) or --prompt-file FILE")
-    settings = Settings(args.model, args.family, args.negative or "", args.steps, args.guidance,
-                        args.width, args.height, args.scheduler or "default")
     specs = lora_specs(args.lora)
+    model, family = base_model(args, specs)
+    settings = Settings(
+        model,
+        family,
+        args.negative or "",
+        args.steps,
+        args.guidance,
+        args.width,
+        args.height,
+        args.scheduler or "default",
+    )
     label = " + ".join(f"{s.label}:{s.scale:g}" for s in specs) or "base"
     choices = {label: AdapterChoice(label, specs)}
     cells = grid_cells(prompts, args.seed or [0], [1.0], choices)
@@ -121,6 +160,22 @@ def cmd_sample(args) -> int:
     return 0
 
 
+def base_model(args, specs: list[LoraSpec]) -> tuple[str, str | None]:
+    """MODEL as given, else the base model our training wrote into the first adapter file."""
+    from tuner.export import read_adapter
+
+    if args.model:
+        return args.model, args.family
+    if specs:
+        metadata = read_adapter(specs[0].path)[1]
+        if metadata.get("tuner_base_model"):
+            return metadata["tuner_base_model"], args.family or metadata.get("tuner_family")
+    raise TunerError(
+        "no base model; give MODEL (a diffusers folder, .safetensors file, hub id "
+        "or builtin:NAME), or a --lora file trained by tuner, which names its base"
+    )
+
+
 def read_prompts(args) -> list[str]:
     prompts = list(args.prompt)
     if args.prompt_file:
@@ -133,9 +188,14 @@ def read_prompts(args) -> list[str]:
 
 
 def image_settings(settings: Settings, specs: list[LoraSpec], cell) -> dict:
-    return {**asdict(settings), "prompt": cell.prompt, "seed": cell.seed,
-            "width": cell.image.width, "height": cell.image.height,
-            "loras": [{"path": str(s.path), "scale": s.scale * cell.scale} for s in specs]}
+    return {
+        **asdict(settings),
+        "prompt": cell.prompt,
+        "seed": cell.seed,
+        "width": cell.image.width,
+        "height": cell.image.height,
+        "loras": [{"path": str(s.path), "scale": s.scale * cell.scale} for s in specs],
+    }
 
 
 def slug(text: str, length: int = 40) -> str:
@@ -168,7 +228,8 @@ def device_and_dtype(device: str, dtype: str) -> tuple[torch.device, torch.dtype
 def render(settings: Settings, cells, choices: dict[str, AdapterChoice], args) -> Settings:
     """Load the base and every adapter once, render all cells; returns the settings with the
     pipeline's defaults filled in (so metadata records what was used)."""
-    from tuner.sample import load_adapters, load_base, set_scheduler
+    from tuner.sample import set_scheduler
+    from tuner.tools.pipelines import load_adapters, load_base
 
     device, dtype = device_and_dtype(args.device, args.dtype)
     family, pipe = load_base(settings.model, settings.family, dtype)
@@ -181,9 +242,18 @@ def render(settings: Settings, cells, choices: dict[str, AdapterChoice], args) -
         settings.steps = pipeline_default(pipe, "num_inference_steps")
     if settings.guidance is None:
         settings.guidance = pipeline_default(pipe, "guidance_scale")
-    render_cells(pipe, cells, choices, batch_size=args.batch_size, steps=settings.steps,
-                 guidance=settings.guidance, negative_prompt=settings.negative_prompt,
-                 width=settings.width, height=settings.height, device=device)
+    render_cells(
+        pipe,
+        cells,
+        choices,
+        batch_size=args.batch_size,
+        steps=settings.steps,
+        guidance=settings.guidance,
+        negative_prompt=settings.negative_prompt,
+        width=settings.width,
+        height=settings.height,
+        device=device,
+    )
     return settings
 
 
@@ -199,18 +269,26 @@ def cmd_grid(args) -> int:
         default_cols, default_scales = "step", [1.0]
         out = Path(args.out) if args.out else output_dir / "samples" / "checkpoints.png"
     else:
-        if not args.model:
-            raise TunerError("grid: give a base MODEL, or --checkpoints OUTPUT_DIR")
-        settings = Settings(args.model, args.family, args.negative or "", args.steps,
-                            args.guidance, args.width, args.height, args.scheduler or "default")
-        prompts, seeds = read_prompts(args), args.seed or [0]
         specs = lora_specs(args.lora)
+        model, family = base_model(args, specs)
+        settings = Settings(
+            model,
+            family,
+            args.negative or "",
+            args.steps,
+            args.guidance,
+            args.width,
+            args.height,
+            args.scheduler or "default",
+        )
+        prompts, seeds = read_prompts(args), args.seed or [0]
         several = len(specs) > 1
         default_cols = "adapter,scale" if several else "scale"
         default_scales = [0.0, 1.0] if specs else [1.0]
         cols_text = args.cols or default_cols
-        choices = adapter_choices(specs, each_alone="adapter" in axes(args.rows or "")
-                                  + axes(cols_text))
+        choices = adapter_choices(
+            specs, each_alone="adapter" in axes(args.rows or "") + axes(cols_text)
+        )
         out = Path(args.out or "grid.png")
     if not prompts:
         raise TunerError("grid: no prompt; give --prompt TEXT or --prompt-file FILE")
@@ -221,11 +299,15 @@ def cmd_grid(args) -> int:
     settings = render(settings, cells, choices, args)
     sheet, meta = make_grid(cells, rows, cols)
     meta["settings"] = asdict(settings)
-    meta["adapters"] = {label: [{"path": str(s.path), "scale": s.scale} for s in choice.loras]
-                        for label, choice in choices.items()}
+    meta["adapters"] = {
+        label: [{"path": str(s.path), "scale": s.scale} for s in choice.loras]
+        for label, choice in choices.items()
+    }
     save_grid(sheet, meta, out)
-    print(f"grid: {out} ({meta['n_rows']} rows x {meta['n_cols']} cols), index "
-          f"{out.with_suffix('.json')}")
+    print(
+        f"grid: {out} ({meta['n_rows']} rows x {meta['n_cols']} cols), index "
+        f"{out.with_suffix('.json')}"
+    )
     return 0
 
 
@@ -237,8 +319,9 @@ def parse_scales(text: str) -> list[float]:
     try:
         return [float(part) for part in text.split(",") if part.strip()]
     except ValueError:
-        raise TunerError(f"--scales {text!r}: expected numbers separated by commas, "
-                         "e.g. 0,0.5,1") from None
+        raise TunerError(
+            f"--scales {text!r}: expected numbers separated by commas, e.g. 0,0.5,1"
+        ) from None
 
 
 def adapter_choices(specs: list[LoraSpec], each_alone: bool) -> dict[str, AdapterChoice]:
@@ -254,8 +337,9 @@ def recipe_settings(output_dir: Path, args) -> tuple[Settings, list[str], list[i
     from tuner.recipe import load_recipe
 
     if not (output_dir / "recipe.yaml").is_file():
-        raise TunerError(f"--checkpoints {output_dir}: no recipe.yaml there; point it at a "
-                         "training output.dir")
+        raise TunerError(
+            f"--checkpoints {output_dir}: no recipe.yaml there; point it at a training output.dir"
+        )
     recipe = load_recipe(output_dir / "recipe.yaml")
     sample = recipe.sample
     settings = Settings(
@@ -277,7 +361,7 @@ def checkpoint_choices(output_dir: Path) -> dict[str, AdapterChoice]:
     saved at the final step holds the same weights as the final adapter, so it is left out."""
     from tuner.adapters import WEIGHT_NAME
     from tuner.checkpoint import STEP_DIR, complete_checkpoints
-    from tuner.sample import adapter_file
+    from tuner.tools.pipelines import adapter_file
 
     found: dict[int | None, tuple[str, Path]] = {}
     for folder in complete_checkpoints(output_dir):
@@ -292,8 +376,10 @@ def checkpoint_choices(output_dir: Path) -> dict[str, AdapterChoice]:
         found.pop(step, None)
         found[step] = ("final", final)
     if not found:
-        raise TunerError(f"--checkpoints {output_dir}: no checkpoints/step-*/{WEIGHT_NAME} and "
-                         "no final adapter; train with output.save_every > 0")
+        raise TunerError(
+            f"--checkpoints {output_dir}: no checkpoints/step-*/{WEIGHT_NAME} and "
+            "no final adapter; train with output.save_every > 0"
+        )
     choices = {}
     for i, (step, (label, path)) in enumerate(found.items()):
         choices[label] = AdapterChoice(label, [LoraSpec(path, 1.0, f"ckpt{i}", label)], step)

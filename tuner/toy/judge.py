@@ -40,8 +40,13 @@ EVAL_SEED = 7_000_000  # eval streams never collide with training streams ([seed
 
 def spec_labels(spec: world.Spec) -> dict[str, str]:
     """What the judge should answer for a spec."""
-    return {"shape": spec.shape, "color": spec.color, "background": spec.background,
-            "style": spec.style, "subject": spec.subject}
+    return {
+        "shape": spec.shape,
+        "color": spec.color,
+        "background": spec.background,
+        "style": spec.style,
+        "subject": spec.subject,
+    }
 
 
 class JudgeNet(nn.Module):
@@ -54,12 +59,16 @@ class JudgeNet(nn.Module):
         layers, cin = [], 3
         for i, cout in enumerate(widths):
             stride = 1 if i == 0 else 2
-            layers += [nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout),
-                       nn.ReLU(inplace=True)]
+            layers += [
+                nn.Conv2d(cin, cout, 3, stride, 1, bias=False),
+                nn.BatchNorm2d(cout),
+                nn.ReLU(inplace=True),
+            ]
             cin = cout
         self.features = nn.Sequential(*layers)
-        self.heads = nn.ModuleDict({name: nn.Linear(2 * cin, len(labels))
-                                    for name, labels in HEADS.items()})
+        self.heads = nn.ModuleDict(
+            {name: nn.Linear(2 * cin, len(labels)) for name, labels in HEADS.items()}
+        )
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         h = self.features(x)
@@ -82,8 +91,10 @@ def images_to_tensor(images: list[Image.Image]) -> torch.Tensor:
 def _batch(rng: np.random.Generator, n: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     specs = [world.mixed_spec(rng) for _ in range(n)]
     x = images_to_tensor([world.render(s) for s in specs])
-    y = {head: torch.tensor([labels.index(spec_labels(s)[head]) for s in specs])
-         for head, labels in HEADS.items()}
+    y = {
+        head: torch.tensor([labels.index(spec_labels(s)[head]) for s in specs])
+        for head, labels in HEADS.items()
+    }
     return x, y
 
 
@@ -98,14 +109,19 @@ def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return x + sigma * torch.randn(x.shape, generator=gen)
 
 
-def train(out: str | os.PathLike, steps: int, seed: int = 0, batch_size: int = 64,
-          lr: float = 3e-3, log_every: int = 100) -> JudgeNet:
+def train(
+    out: str | os.PathLike,
+    steps: int,
+    seed: int = 0,
+    batch_size: int = 64,
+    lr: float = 3e-3,
+    log_every: int = 100,
+) -> JudgeNet:
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     net = JudgeNet()
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps,
-                                                pct_start=0.1)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
     params = sum(p.numel() for p in net.parameters())
     print(f"judge: {params} parameters, {steps} steps of batch {batch_size}")
     start = time.time()
@@ -119,8 +135,10 @@ def train(out: str | os.PathLike, steps: int, seed: int = 0, batch_size: int = 6
         opt.step()
         sched.step()
         if (step + 1) % log_every == 0 or step == 0:
-            print(f"step {step + 1}/{steps} loss {loss.item():.4f} "
-                  f"({time.time() - start:.0f}s)", flush=True)
+            print(
+                f"step {step + 1}/{steps} loss {loss.item():.4f} ({time.time() - start:.0f}s)",
+                flush=True,
+            )
     net.eval()
     save(net, out)
     print(f"saved {out} after {time.time() - start:.0f}s")
@@ -132,8 +150,11 @@ def save(net: JudgeNet, out: str | os.PathLike) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(out))
     with open(out.with_suffix(".json"), "w", encoding="utf-8") as f:
-        json.dump({"heads": {h: list(v) for h, v in HEADS.items()},
-                   "image_size": world.IMAGE_SIZE}, f, indent=1)
+        json.dump(
+            {"heads": {h: list(v) for h, v in HEADS.items()}, "image_size": world.IMAGE_SIZE},
+            f,
+            indent=1,
+        )
         f.write("\n")
 
 
@@ -148,7 +169,7 @@ class Judge:
     def predict(self, images: list[Image.Image], batch_size: int = 256) -> list[dict[str, str]]:
         results: list[dict[str, str]] = []
         for i in range(0, len(images), batch_size):
-            logits = self.net(images_to_tensor(images[i:i + batch_size]))
+            logits = self.net(images_to_tensor(images[i : i + batch_size]))
             picks = {h: logits[h].argmax(dim=1).tolist() for h in self.heads}
             for j in range(len(picks["shape"])):
                 results.append({h: self.heads[h][picks[h][j]] for h in self.heads})
@@ -158,8 +179,9 @@ class Judge:
 def load_judge(path: str | os.PathLike | None = None) -> Judge:
     path = Path(path) if path is not None else DEFAULT_WEIGHTS
     if not path.exists():
-        raise FileNotFoundError(f"{path}: no judge weights; train them with "
-                                "`python -m tuner.toy.judge train`")
+        raise FileNotFoundError(
+            f"{path}: no judge weights; train them with `python -m tuner.toy.judge train`"
+        )
     with open(path.with_suffix(".json"), encoding="utf-8") as f:
         meta = json.load(f)
     if meta["heads"] != {h: list(v) for h, v in HEADS.items()}:
@@ -174,8 +196,10 @@ def evaluate(judge: Judge, n: int = 1000, seed: int = EVAL_SEED) -> dict[str, fl
     rng = np.random.default_rng(seed)
     specs = [world.mixed_spec(rng) for _ in range(n)]
     preds = judge.predict([world.render(s) for s in specs])
-    return {h: float(np.mean([p[h] == spec_labels(s)[h] for p, s in zip(preds, specs)]))
-            for h in HEADS}
+    truth = [spec_labels(s) for s in specs]
+    return {
+        h: float(np.mean([p[h] == t[h] for p, t in zip(preds, truth, strict=True)])) for h in HEADS
+    }
 
 
 def main(argv: list[str] | None = None) -> None:

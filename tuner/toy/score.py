@@ -19,8 +19,9 @@ from tuner.toy import world
 from tuner.toy.judge import HEADS, load_judge, spec_labels
 
 
-def score_pipeline(pipe, specs=None, n=64, seed=0, steps=25, guidance=4.0, judge=None,
-                   batch_size=64) -> dict:
+def score_pipeline(
+    pipe, specs=None, n=64, seed=0, steps=25, guidance=4.0, judge=None, batch_size=64
+) -> dict:
     """-> {"accuracy": {head: fraction}, "all": fraction with every head right,
     "images": [...], "predictions": [...], "specs": [...], "summary": str}"""
     from tuner.toy.base import sample_images
@@ -31,17 +32,26 @@ def score_pipeline(pipe, specs=None, n=64, seed=0, steps=25, guidance=4.0, judge
     judge = judge or load_judge()
     images = []
     for i in range(0, len(specs), batch_size):
-        prompts = [world.caption(s) for s in specs[i:i + batch_size]]
+        prompts = [world.caption(s) for s in specs[i : i + batch_size]]
         images += sample_images(pipe, prompts, seed=seed + i, steps=steps, guidance=guidance)
     predictions = judge.predict(images)
     truth = [spec_labels(s) for s in specs]
-    accuracy = {h: float(np.mean([p[h] == t[h] for p, t in zip(predictions, truth)]))
-                for h in HEADS}
-    every = float(np.mean([all(p[h] == t[h] for h in HEADS)
-                           for p, t in zip(predictions, truth)]))
+    accuracy = {
+        h: float(np.mean([p[h] == t[h] for p, t in zip(predictions, truth, strict=True)]))
+        for h in HEADS
+    }
+    every = float(
+        np.mean([all(p[h] == t[h] for h in HEADS) for p, t in zip(predictions, truth, strict=True)])
+    )
     summary = " ".join(f"{h} {a:.0%}" for h, a in accuracy.items()) + f" | all {every:.0%}"
-    return {"accuracy": accuracy, "all": every, "images": images,
-            "predictions": predictions, "specs": specs, "summary": summary}
+    return {
+        "accuracy": accuracy,
+        "all": every,
+        "images": images,
+        "predictions": predictions,
+        "specs": specs,
+        "summary": summary,
+    }
 
 
 def main(argv=None) -> None:
@@ -59,12 +69,10 @@ def main(argv=None) -> None:
     pipe = StableDiffusionPipeline.from_pretrained(args.model, torch_dtype=torch.float32)
     pipe.to(args.device)
     rng = np.random.default_rng([args.seed, 99])
-    specs = [world.sample_spec(rng, style=args.style, subject=args.subject)
-             for _ in range(args.n)]
+    specs = [world.sample_spec(rng, style=args.style, subject=args.subject) for _ in range(args.n)]
     result = score_pipeline(pipe, specs, seed=args.seed)
     if args.grid:
-        from tuner.toy.base import grid
-        grid(result["images"]).save(args.grid)
+        world.grid(result["images"]).save(args.grid)
     print(result["summary"])
 
 

@@ -25,8 +25,11 @@ MAX_LENGTH = 77
 
 def bytes_to_unicode() -> list[str]:
     """GPT-2's reversible map from the 256 byte values to printable characters."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
-                 *range(ord("®"), ord("ÿ") + 1)]
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
     chars, extra = list(printable), 0
     for b in range(256):
         if b not in printable:
@@ -63,8 +66,13 @@ def build_tokenizer(words=world.VOCABULARY) -> CLIPTokenizer:
     with tempfile.TemporaryDirectory() as folder:
         write_tokenizer_files(folder, words)
         tokenizer = CLIPTokenizer.from_pretrained(
-            folder, model_max_length=MAX_LENGTH, bos_token=BOS, eos_token=EOS,
-            pad_token=EOS, unk_token=EOS)
+            folder,
+            model_max_length=MAX_LENGTH,
+            bos_token=BOS,
+            eos_token=EOS,
+            pad_token=EOS,
+            unk_token=EOS,
+        )
     # Multi-letter words become added tokens; they reuse their vocabulary ids.
     whole = [AddedToken(w, single_word=True, normalized=True) for w in words if len(w) > 1]
     tokenizer.add_tokens(whole)

@@ -3,7 +3,7 @@ import itertools
 import numpy as np
 import pytest
 
-from tuner.toy import world
+from tuner.toy import datasets, world
 
 
 def _pixels(spec):
@@ -13,13 +13,13 @@ def _pixels(spec):
 def test_same_seed_gives_identical_images_and_specs():
     a, b = world.generate(5, 12), world.generate(5, 12)
     assert [s for _, s in a] == [s for _, s in b]
-    assert all(x.tobytes() == y.tobytes() for (x, _), (y, _) in zip(a, b))
+    assert all(x.tobytes() == y.tobytes() for (x, _), (y, _) in zip(a, b, strict=True))
 
 
 def test_different_seeds_differ():
     a, b = world.generate(5, 12), world.generate(6, 12)
     assert [s for _, s in a] != [s for _, s in b]
-    assert any(x.tobytes() != y.tobytes() for (x, _), (y, _) in zip(a, b))
+    assert any(x.tobytes() != y.tobytes() for (x, _), (y, _) in zip(a, b, strict=True))
 
 
 def test_images_are_64px_rgb():
@@ -27,10 +27,13 @@ def test_images_are_64px_rgb():
         assert image.size == (64, 64) and image.mode == "RGB"
 
 
-@pytest.mark.parametrize("field,values", [
-    ("shape", world.SHAPES),
-    ("style", world.STYLES),
-])
+@pytest.mark.parametrize(
+    "field,values",
+    [
+        ("shape", world.SHAPES),
+        ("style", world.STYLES),
+    ],
+)
 def test_each_shape_and_style_renders_differently(field, values):
     base = world.Spec("star", "red", "white", size=40, cx=32, cy=32)
     images = {v: _pixels(world.Spec(**{**base.__dict__, field: v})) for v in values}
@@ -42,8 +45,9 @@ def test_each_subject_differs_from_its_plain_class_and_from_each_other():
     images = {}
     for name, subject in world.SUBJECTS.items():
         plain = world.Spec(subject.shape, subject.color, "green", size=40)
-        images[name] = _pixels(world.Spec(subject.shape, subject.color, "green", "solid", name,
-                                          size=40))
+        images[name] = _pixels(
+            world.Spec(subject.shape, subject.color, "green", "solid", name, size=40)
+        )
         assert not np.array_equal(images[name], _pixels(plain)), name
     for a, b in itertools.combinations(images, 2):
         assert not np.array_equal(images[a], images[b])
@@ -70,14 +74,17 @@ def test_constraints_are_honoured_and_background_never_matches_colour():
 
 
 def test_captions_match_specs():
-    assert world.caption(world.Spec("circle", "red", "blue")) == \
-        "a red circle on a blue background"
-    assert world.caption(world.Spec("star", "orange", "white", "stripes")) == \
-        "an orange star on a white background, zebrastyle"
+    assert world.caption(world.Spec("circle", "red", "blue")) == "a red circle on a blue background"
+    assert (
+        world.caption(world.Spec("star", "orange", "white", "stripes"))
+        == "an orange star on a white background, zebrastyle"
+    )
     smiley = world.Spec("circle", "yellow", "blue", subject="smiley")
     assert world.caption(smiley) == "a sks circle on a blue background"
-    assert world.caption(world.Spec("cross", "red", "black"), with_color=False) == \
-        "a cross on a black background"
+    assert (
+        world.caption(world.Spec("cross", "red", "black"), with_color=False)
+        == "a cross on a black background"
+    )
     rng = np.random.default_rng(4)
     for _ in range(200):
         spec = world.mixed_spec(rng)
@@ -89,18 +96,20 @@ def test_captions_match_specs():
         else:
             assert world.SUBJECTS[spec.subject].token in words
         triggers = set(world.STYLE_TRIGGERS.values()) & set(words)
-        assert triggers == ({world.STYLE_TRIGGERS[spec.style]} if spec.style != "solid"
-                            else set())
+        assert triggers == ({world.STYLE_TRIGGERS[spec.style]} if spec.style != "solid" else set())
 
 
 def _read_tree(root):
-    return {p.relative_to(root).as_posix(): p.read_bytes()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        p.relative_to(root).as_posix(): p.read_bytes()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def test_dataset_rendering_is_deterministic(tmp_path):
-    world.render_datasets(tmp_path / "a")
-    world.render_datasets(tmp_path / "b")
+    datasets.render_datasets(tmp_path / "a")
+    datasets.render_datasets(tmp_path / "b")
     a, b = _read_tree(tmp_path / "a"), _read_tree(tmp_path / "b")
     assert a == b
     assert sum(name.startswith("toy-style/") and name.endswith(".png") for name in a) == 16
@@ -113,7 +122,8 @@ def test_committed_datasets_match_the_generator(tmp_path):
     from pathlib import Path
 
     repo_datasets = Path(__file__).resolve().parents[2] / "datasets"
-    world.render_datasets(tmp_path)
-    for name in (world.STYLE_DATASET, world.SUBJECT_DATASET):
+    datasets.render_datasets(tmp_path)
+    for name in (datasets.STYLE_DATASET, datasets.SUBJECT_DATASET):
         assert _read_tree(repo_datasets / name) == _read_tree(tmp_path / name), (
-            f"datasets/{name} is stale: run python -m tuner.toy.world render-datasets datasets/")
+            f"datasets/{name} is stale: run python -m tuner.toy.world render-datasets datasets/"
+        )

@@ -4,7 +4,8 @@ from tuner.toy import judge
 def test_committed_judge_reads_fresh_images():
     # The weights are committed; a missing file is a failure, not a skip.
     assert judge.DEFAULT_WEIGHTS.exists(), (
-        f"{judge.DEFAULT_WEIGHTS} missing: python -m tuner.toy.judge train")
+        f"{judge.DEFAULT_WEIGHTS} missing: python -m tuner.toy.judge train"
+    )
     assert judge.DEFAULT_WEIGHTS.stat().st_size < 2_000_000
     accuracy = judge.evaluate(judge.load_judge(), n=200, seed=judge.EVAL_SEED + 1)
     for head, acc in accuracy.items():

@@ -15,8 +15,17 @@ def test_caption_round_trips():
     ids = tokenizer(text).input_ids
     tokens = tokenizer.convert_ids_to_tokens(ids)
     assert tokens[0] == BOS and tokens[-1] == EOS
-    assert tokens[1:-1] == ["an", "orange", "star", "on", "a</w>", "white", "background",
-                            ",</w>", "zebrastyle"]
+    assert tokens[1:-1] == [
+        "an",
+        "orange",
+        "star",
+        "on",
+        "a</w>",
+        "white",
+        "background",
+        ",</w>",
+        "zebrastyle",
+    ]
     # Added whole-word tokens decode without their separating spaces; the text is intact.
     decoded = tokenizer.decode(ids, skip_special_tokens=True)
     assert decoded.replace(" ", "") == text.replace(" ", "")
@@ -25,10 +34,10 @@ def test_caption_round_trips():
 def test_unknown_words_fall_back_to_characters_and_padding_works():
     tokenizer = build_tokenizer()
     ids = tokenizer("a xyzzy circle", add_special_tokens=False).input_ids
-    assert tokenizer.convert_ids_to_tokens(ids) == ["a</w>", "x", "y", "z", "z", "y</w>",
-                                                    "circle"]
-    batch = tokenizer(["a red circle", ""], padding="max_length", max_length=77,
-                      truncation=True).input_ids
+    assert tokenizer.convert_ids_to_tokens(ids) == ["a</w>", "x", "y", "z", "z", "y</w>", "circle"]
+    batch = tokenizer(
+        ["a red circle", ""], padding="max_length", max_length=77, truncation=True
+    ).input_ids
     assert all(len(row) == 77 for row in batch)
     assert batch[1][:2] == [tokenizer.bos_token_id, tokenizer.eos_token_id]
 

@@ -1,7 +1,7 @@
 import torch
 from diffusers import StableDiffusionPipeline
 
-from tuner.toy import base
+from tuner.toy import base, batches
 
 
 def test_fresh_pipeline_samples_saves_and_reloads(tmp_path):
@@ -29,6 +29,10 @@ def test_training_captions_mix_full_partial_and_empty():
 
     rng = np.random.default_rng(0)
     spec = world.Spec("circle", "red", "blue")
-    captions = {base.training_caption(spec, rng) for _ in range(200)}
-    assert captions == {"", "a red circle on a blue background", "a circle on a blue background",
-                        "a red circle"}
+    captions = {batches.training_caption(spec, rng) for _ in range(200)}
+    assert captions == {
+        "",
+        "a red circle on a blue background",
+        "a circle on a blue background",
+        "a red circle",
+    }
