@@ -32,10 +32,15 @@ def db_raw(tmp_path, subject_dir) -> dict:
     return {
         "model": {"path": "builtin:tiny-sd15"},
         "adapter": {"rank": 4},
-        "dreambooth": {"instance_dir": str(subject_dir), "instance_prompt": "a sks circle",
-                       "class_prompt": "a circle", "class_dir": str(tmp_path / "class"),
-                       "num_class_images": 3, "class_generation_steps": 2,
-                       "class_generation_batch": 2},
+        "dreambooth": {
+            "instance_dir": str(subject_dir),
+            "instance_prompt": "a sks circle",
+            "class_prompt": "a circle",
+            "class_dir": str(tmp_path / "class"),
+            "num_class_images": 3,
+            "class_generation_steps": 2,
+            "class_generation_batch": 2,
+        },
         "data": {"resolution": 64, "cache_dir": str(tmp_path / "cache")},
         "train": {"steps": 3, "batch_size": 2, "lr": 1e-2, "seed": 0},
         "sample": {"prompts": []},
@@ -61,11 +66,21 @@ def test_prior_loss_is_instance_plus_weighted_class(db_raw):
     generator_seed = 42
     latents = torch.randn(4, 4, 32, 32, generator=torch.Generator().manual_seed(0))
     embeds = torch.randn(4, 77, 32, generator=torch.Generator().manual_seed(1))
-    batch = {"latents": latents, "cond": {"prompt_embeds": embeds},
-             "is_prior": torch.tensor([False, False, True, True])}
+    batch = {
+        "latents": latents,
+        "cond": {"prompt_embeds": embeds},
+        "is_prior": torch.tensor([False, False, True, True]),
+    }
     with torch.no_grad():
-        loss = compute_loss(recipe, family, comps, objective, batch,
-                            torch.Generator().manual_seed(generator_seed), Accelerator())
+        loss = compute_loss(
+            recipe,
+            family,
+            comps,
+            objective,
+            batch,
+            torch.Generator().manual_seed(generator_seed),
+            Accelerator(),
+        )
         inputs = objective.sample(latents, torch.Generator().manual_seed(generator_seed))
         pred = comps.denoiser(inputs.noisy, inputs.timesteps, encoder_hidden_states=embeds).sample
     per_sample = ((pred - inputs.target) ** 2).mean(dim=(1, 2, 3))
@@ -101,23 +116,23 @@ def test_class_generation_makes_the_missing_count_and_resumes(db_raw, tmp_path, 
     assert not list(folder.glob(".*.tmp"))  # nothing half-written
 
     monkeypatch.setattr(sample, "render_batch", real_render)
-    assert dreambooth.generate_class_images(recipe, family, comps, folder,
-                                            torch.device("cpu")) == 2
+    assert dreambooth.generate_class_images(recipe, family, comps, folder, torch.device("cpu")) == 2
     assert len(list(folder.glob("class-*.png"))) == 5
     assert (folder / "class-00004.txt").read_text() == "a circle"
-    assert dreambooth.generate_class_images(recipe, family, comps, folder,
-                                            torch.device("cpu")) == 0
+    assert dreambooth.generate_class_images(recipe, family, comps, folder, torch.device("cpu")) == 0
 
 
 def test_text_encoder_lora_is_saved_and_changes_embeddings(db_raw):
-    result = run_training(recipe_of(db_raw, "adapter.text_encoder=true",
-                                    "dreambooth.with_prior_preservation=false"))
+    result = run_training(
+        recipe_of(db_raw, "adapter.text_encoder=true", "dreambooth.with_prior_preservation=false")
+    )
     saved = load_file(str(result.output_dir / WEIGHT_NAME))
     assert any(k.startswith("text_encoder.") for k in saved)
     assert any(k.startswith("unet.") for k in saved)
     pipe = load_pipeline("builtin:tiny-sd15")
-    ids = pipe.tokenizer(["a sks circle"], padding="max_length", max_length=77,
-                         return_tensors="pt").input_ids
+    ids = pipe.tokenizer(
+        ["a sks circle"], padding="max_length", max_length=77, return_tensors="pt"
+    ).input_ids
     with torch.no_grad():
         before = pipe.text_encoder(ids)[0]
         pipe.load_lora_weights(str(result.output_dir))  # one call loads UNet and text encoder
@@ -126,27 +141,38 @@ def test_text_encoder_lora_is_saved_and_changes_embeddings(db_raw):
 
 
 def test_prior_weight_zero_equals_instance_only(db_raw, tmp_path):
-    with_prior = run_training(recipe_of(db_raw, "dreambooth.prior_loss_weight=0",
-                                        f"output.dir={tmp_path / 'a'}"))
-    alone = run_training(recipe_of(db_raw, "dreambooth.with_prior_preservation=false",
-                                   f"output.dir={tmp_path / 'b'}"))
+    with_prior = run_training(
+        recipe_of(db_raw, "dreambooth.prior_loss_weight=0", f"output.dir={tmp_path / 'a'}")
+    )
+    alone = run_training(
+        recipe_of(
+            db_raw, "dreambooth.with_prior_preservation=false", f"output.dir={tmp_path / 'b'}"
+        )
+    )
     a = load_file(str(with_prior.output_dir / WEIGHT_NAME))
     b = load_file(str(alone.output_dir / WEIGHT_NAME))
     assert a.keys() == b.keys()
-    for key in a:
-        assert torch.allclose(a[key], b[key], atol=1e-6), key
-    # ...and with weight 1 the class images do change the result.
+    # A batch of 4 (instances + class) and a batch of 2 round differently in the last bits.
+    diff_zero = max((a[k] - b[k]).abs().max().item() for k in a)
     weighted = run_training(recipe_of(db_raw, f"output.dir={tmp_path / 'c'}"))
     c = load_file(str(weighted.output_dir / WEIGHT_NAME))
-    assert any(not torch.allclose(a[k], c[k], atol=1e-6) for k in a)
+    diff_one = max((a[k] - c[k]).abs().max().item() for k in a)
+    assert diff_zero < 1e-4
+    assert diff_one > 100 * max(diff_zero, 1e-7)  # the class term, when weighted, does matter
 
 
-@pytest.mark.parametrize("overrides, expected", [
-    (["dreambooth.instance_dir=/no/such/dir"], "dreambooth.instance_dir: /no/such/dir not found"),
-    (["dreambooth.instance_dir=EMPTY"], "has no images"),
-    (["~dreambooth.class_prompt"], "with_prior_preservation is on but class_prompt is empty"),
-    (["dreambooth.num_class_images=0"], "dreambooth.num_class_images: expected a value >= 1"),
-])
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        (
+            ["dreambooth.instance_dir=/no/such/dir"],
+            "dreambooth.instance_dir: /no/such/dir not found",
+        ),
+        (["dreambooth.instance_dir=EMPTY"], "has no images"),
+        (["~dreambooth.class_prompt"], "with_prior_preservation is on but class_prompt is empty"),
+        (["dreambooth.num_class_images=0"], "dreambooth.num_class_images: expected a value >= 1"),
+    ],
+)
 def test_bad_dreambooth_input(db_raw, tmp_path, capsys, overrides, expected):
     empty = tmp_path / "empty"
     empty.mkdir()
