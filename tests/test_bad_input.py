@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 import yaml
 
 from tuner.cli import main
@@ -111,3 +112,60 @@ def test_debug_shows_the_traceback(tmp_path, raw):
 
     with pytest.raises(TunerError):
         main(["--debug", "train", str(path), "model.path=./nothing"])
+
+
+def test_empty_captions_warn_and_still_train(tmp_path, capsys, raw, style_dir, caplog):
+    for txt in style_dir.glob("*.txt"):
+        txt.write_text("  \n")
+    code, _ = run_cli(tmp_path, capsys, raw)
+    assert code == 0
+    assert any("have no caption" in r.getMessage() for r in caplog.records)
+
+
+def test_non_finite_steps_are_skipped_then_stop_keeping_the_checkpoint(
+    tmp_path, style_dir, monkeypatch
+):
+    from tuner import train as train_module
+    from tuner.errors import TunerError
+    from tuner.recipe import validate_recipe
+
+    real = train_module.compute_loss
+    calls = []
+
+    def poisoned(*args):
+        calls.append(1)
+        loss = real(*args)
+        # Step 3 is poisoned once (skipped, training goes on); from step 6 on, every step.
+        return loss * float("nan") if len(calls) == 3 or len(calls) >= 6 else loss
+
+    monkeypatch.setattr(train_module, "compute_loss", poisoned)
+    recipe = validate_recipe(
+        {
+            "model": {"path": "builtin:tiny-sd15"},
+            "data": {
+                "datasets": [{"path": str(style_dir)}],
+                "resolution": 64,
+                "cache_dir": str(tmp_path / "cache"),
+            },
+            "train": {"steps": 20, "nan_patience": 3, "lr": 1e-3},
+            "sample": {"prompts": []},
+            "output": {"dir": str(tmp_path / "out"), "save_every": 4},
+        }
+    )
+    snapshots = []
+    real_step = torch.optim.AdamW.step
+
+    def recording_step(self, *args, **kwargs):
+        snapshots.append(len(calls))
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", recording_step)
+    with pytest.raises(TunerError, match="3 steps in a row had non-finite"):
+        train_module.run_training(recipe)
+    assert 3 not in snapshots and 1 in snapshots and 4 in snapshots  # step 3 skipped only
+    checkpoint = tmp_path / "out" / "checkpoints" / "step-000004"
+    assert (checkpoint / "tuner_state.json").is_file()
+    from safetensors.torch import load_file
+
+    saved = load_file(str(checkpoint / "pytorch_lora_weights.safetensors"))
+    assert all(torch.isfinite(v).all() for v in saved.values())

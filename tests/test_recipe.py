@@ -119,3 +119,30 @@ def test_every_shipped_recipe_validates(recipe, monkeypatch):
     monkeypatch.chdir(REPO)
     loaded = load_recipe(recipe)
     assert loaded.train.steps >= 1
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("model=5", "model: expected a mapping, got 5"),
+        ("adapter.rank=x", "adapter.rank: expected an integer, got 'x'"),
+        ("data.resolution=big", "data.resolution: expected an integer, got 'big'"),
+        ("data.datasets=folder", "data.datasets: expected a list, got 'folder'"),
+        ("train.steps=many", "train.steps: expected an integer, got 'many'"),
+        ("sample.seeds=x", "sample.seeds: expected a list, got 'x'"),
+        ("output.keep=all", "output.keep: expected an integer, got 'all'"),
+        ("log.every=often", "log.every: expected an integer, got 'often'"),
+        ("log.to=tensorboard", "log.to: expected a list, got 'tensorboard'"),
+        ("dreambooth.instance_dir=[1]", "dreambooth.instance_dir: expected a string"),
+    ],
+)
+def test_every_section_rejects_a_wrong_type(tmp_path, override, expected):
+    raw = {
+        **MINIMAL,
+        "dreambooth": {
+            "instance_dir": "x",
+            "instance_prompt": "a sks dog",
+            "class_prompt": "a dog",
+        },
+    }
+    assert expected in error_of(write(tmp_path, raw), [override])

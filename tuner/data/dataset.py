@@ -81,6 +81,17 @@ def collect_items(
                 f"{entry.path}: no usable images (supported: jpg, png, webp, bmp); "
                 "add images or fix data.datasets[].path"
             )
+        uncaptioned = sum(1 for item in usable if not item.raw_caption.strip())
+        if uncaptioned:
+            log.warning(
+                "%s: %d of %d images have no caption and no default_caption; they train "
+                "as unconditional samples (set data.datasets[].default_caption or add "
+                "%s files)",
+                entry.path,
+                uncaptioned,
+                len(usable),
+                entry.caption_ext,
+            )
         items += usable * entry.repeats
     report.histogram = bucket_histogram([item.size for item in items])
     report.captions = [item.caption for item in items]
