@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import logging
 
-import torch
 from PIL import Image
 
 from tuner.train import run_training
