@@ -33,8 +33,10 @@ ensure_env() {
   local extra="$1"
   local py="python3"
   if [ -x "$VENV/bin/python" ]; then py="$VENV/bin/python"; fi
-  if "$py" -c "import tuner, sys; sys.exit(0 if tuner.__file__.startswith('$ROOT') else 1)" \
-      2>/dev/null && { [ -z "$extra" ] || "$py" -c "import pytest, ruff, wandb" 2>/dev/null; }; then
+  # Checked from / so that the source folder itself does not count as "installed".
+  if (cd / && "$py" -c "import sys, torch, diffusers, peft, accelerate, tuner
+sys.exit(0 if tuner.__file__.startswith('$ROOT') else 1)") 2>/dev/null \
+      && { [ -z "$extra" ] || (cd / && "$py" -c "import pytest, ruff, wandb") 2>/dev/null; }; then
     PY="$py"; return
   fi
   if [ ! -x "$VENV/bin/python" ]; then
