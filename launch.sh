@@ -88,7 +88,8 @@ fi
 
 ensure_env ""
 NUM_PROCESSES="${NUM_PROCESSES:-$(gpu_count)}"
-ARGS=(--num_processes "$NUM_PROCESSES" --num_machines 1 --dynamo_backend no)
+# mixed precision comes from the recipe (train.mixed_precision), which overrides this default.
+ARGS=(--num_processes "$NUM_PROCESSES" --num_machines 1 --dynamo_backend no --mixed_precision no)
 if [ -n "$CONFIG_FILE" ]; then
   ARGS=(--config_file "$CONFIG_FILE" --num_processes "$NUM_PROCESSES")
 elif [ "$NUM_PROCESSES" -gt 1 ]; then
