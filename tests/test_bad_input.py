@@ -169,3 +169,11 @@ def test_non_finite_steps_are_skipped_then_stop_keeping_the_checkpoint(
 
     saved = load_file(str(checkpoint / "pytorch_lora_weights.safetensors"))
     assert all(torch.isfinite(v).all() for v in saved.values())
+
+
+def test_builtin_toy_without_weights_says_how_to_make_them(tmp_path, capsys, raw, monkeypatch):
+    import tuner.toy.base as toy_base
+
+    monkeypatch.setattr(toy_base, "TOY_WEIGHTS", tmp_path / "no-weights")
+    code, line = run_cli(tmp_path, capsys, raw, "model.path=builtin:toy")
+    assert code == 2 and "python -m tuner.toy.base train" in line

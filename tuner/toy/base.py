@@ -299,6 +299,27 @@ def save_pipeline(pipe, out) -> int:
     )
 
 
+TOY_WEIGHTS = Path(__file__).parent / "weights" / "base"
+
+
+def load_toy_modules() -> dict:
+    """`builtin:toy`: the committed toy base model, as StableDiffusionPipeline modules."""
+    from tuner.errors import TunerError
+
+    folder = TOY_WEIGHTS
+    if not (folder / "model_index.json").is_file():
+        raise TunerError(
+            "builtin:toy: the toy base model's weights are not in this checkout; train them with "
+            "`python -m tuner.toy.base train --out tuner/toy/weights/base --device cuda` "
+            "(minutes on a GPU), or use builtin:tiny-sd15"
+        )
+    pipe = StableDiffusionPipeline.from_pretrained(
+        folder, safety_checker=None, requires_safety_checker=False
+    )
+    names = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+    return {name: getattr(pipe, name) for name in names}
+
+
 def sample_images(pipe, prompts, seed=0, steps=25, guidance=4.0):
     """64x64 samples with a DDIM copy of the scheduler (DDPM needs ~1000 steps)."""
     ddim = DDIMScheduler.from_config(pipe.scheduler.config)
