@@ -10,11 +10,12 @@ from tuner.errors import TunerError
 
 
 @pytest.fixture(autouse=True)
-def _hf_cache_in_tmp(tmp_path, monkeypatch):
-    # Keep `datasets` from writing caches into the real home directory.
+def _hf_cache_in_tmp(tmp_path_factory, monkeypatch):
+    # Keep `datasets` from writing caches into the real home directory, and outside the
+    # image folders (its imagefolder builder scans those).
     import datasets
 
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-cache")
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path_factory.mktemp("hf"))
 
 
 def save(path, size=(16, 16), color=(255, 0, 0)):
@@ -73,7 +74,7 @@ def test_metadata_jsonl(tmp_path):
     assert records[0].image.endswith("imgs/1.png")
     assert load_image(records[1].image).size == (16, 16)
 
-    with pytest.raises(TunerError, match=r"no caption column 'label'.*file_name, text"):
+    with pytest.raises(TunerError, match=r"no caption column 'label'.*image, text"):
         list_records(str(tmp_path), source=1, caption_column="label")
 
 

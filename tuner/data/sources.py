@@ -98,24 +98,19 @@ def _read_sidecar(image_path: str, caption_ext: str) -> str | None:
 def _from_metadata(
     root: str, name: str, source: int, caption_column: str | None, caption_ext: str
 ) -> list[Record]:
-    """HF imagefolder layout: rows name `file_name` (relative to root) plus a caption."""
-    meta_path = os.path.join(root, name)
-    rows = _read_jsonl(meta_path) if name.endswith(".jsonl") else _read_csv(meta_path)
-    columns = sorted({c for row in rows for c in row})
-    if rows and "file_name" not in columns:
-        raise TunerError(f"{meta_path}: no 'file_name' column (columns: {', '.join(columns)})")
-    caption_col = _caption_column(columns, caption_column, meta_path) if rows else None
-    root = os.path.abspath(root)
-    records = []
-    for row in rows:
-        image_path = os.path.normpath(os.path.join(root, str(row["file_name"])))
-        caption = _as_caption(row.get(caption_col)) if caption_col else None
-        if caption is None:
-            # Rows without a caption fall back to a sidecar file, if any.
-            caption = _read_sidecar(image_path, caption_ext)
-        records.append(Record(image=image_path, key=image_path, caption=caption, source=source))
-    # A missing image file is kept; load_image reports it as a BadImage like any other.
-    return records
+    """HF imagefolder layout (`file_name` + a caption column in metadata.jsonl/csv), read by
+    `datasets` itself through its `imagefolder` builder."""
+    import datasets
+
+    try:
+        ds = datasets.load_dataset("imagefolder", data_dir=os.path.abspath(root), split="train")
+    except Exception as e:  # malformed metadata, rows naming missing files, ...
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise TunerError(
+            f"{os.path.join(root, name)}: not a readable HF imagefolder ({first}); each row "
+            "needs a file_name next to the images and a caption column"
+        ) from None
+    return _from_hf(ds, root, source, caption_column, None)
 
 
 def _read_jsonl(path: str) -> list[dict[str, Any]]:
