@@ -161,8 +161,13 @@ def test_disk_full_during_save_keeps_the_previous_checkpoint(tmp_path):
 
 @pytest.mark.slow
 def test_two_processes_equal_one_process_with_the_same_global_batch(tmp_path, style_dir):
-    one = recipe_file(tmp_path, style_dir, "one", batch_size=2, grad_accum=1, steps=4)
-    two = recipe_file(tmp_path, style_dir, "two", batch_size=1, grad_accum=1, steps=4)
+    # Gradient checkpointing on: it must work across processes too.
+    one = recipe_file(
+        tmp_path, style_dir, "one", batch_size=2, grad_accum=1, steps=4, gradient_checkpointing=True
+    )
+    two = recipe_file(
+        tmp_path, style_dir, "two", batch_size=1, grad_accum=1, steps=4, gradient_checkpointing=True
+    )
     for path in (one, two):
         text = path.read_text().replace("caption_dropout: 0.2", "caption_dropout: 0.0")
         path.write_text(text.replace("dropout: 0.1", "dropout: 0.0"))
@@ -183,3 +188,36 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(tmp_path, st
         assert torch.allclose(a[key], b[key], atol=1e-6, rtol=1e-4), key
     # Only rank 0 wrote: one recipe copy, one set of checkpoints.
     assert (tmp_path / "two" / "recipe.yaml").is_file()
+
+
+def test_resume_restores_8bit_optimizer_state(tmp_path, style_dir):
+    """In-process resume with adamw8bit (its quantized states round-trip through the
+    checkpoint) ends with the same adapter as the uninterrupted run."""
+    import shutil
+
+    from tuner.recipe import load_recipe
+    from tuner.train import run_training
+
+    settings = ["train.optimizer=adamw8bit", "adapter.rank=64", "adapter.dropout=0.0"]
+    full = load_recipe(recipe_file(tmp_path, style_dir, "full8", steps=4), settings)
+    run_training(full)
+    part = load_recipe(recipe_file(tmp_path, style_dir, "part8", steps=4), settings)
+    saved = tmp_path / "full8" / "checkpoints" / "step-000002"
+    state = torch.load(saved / "training_state.pt", weights_only=True)
+
+    def tensors(value):
+        if isinstance(value, torch.Tensor):
+            yield value
+        elif isinstance(value, dict):
+            for inner in value.values():
+                yield from tensors(inner)
+
+    assert any(t.dtype == torch.uint8 for t in tensors(state["optimizer"]))  # real 8-bit states
+    (tmp_path / "part8" / "checkpoints").mkdir(parents=True)
+    shutil.copytree(saved, tmp_path / "part8" / "checkpoints" / "step-000002")
+    run_training(
+        part.model_copy(update={"train": part.train.model_copy(update={"resume": "latest"})})
+    )
+    expected, got = adapter(tmp_path / "full8"), adapter(tmp_path / "part8")
+    for key in expected:
+        assert torch.equal(expected[key], got[key]), key
