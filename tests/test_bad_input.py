@@ -125,11 +125,12 @@ def test_empty_captions_warn_and_still_train(tmp_path, capsys, raw, style_dir, c
 def test_non_finite_steps_are_skipped_then_stop_keeping_the_checkpoint(
     tmp_path, style_dir, monkeypatch
 ):
+    from tuner import loop
     from tuner import train as train_module
     from tuner.errors import TunerError
     from tuner.recipe import validate_recipe
 
-    real = train_module.compute_loss
+    real = loop.compute_loss
     calls = []
 
     def poisoned(*args):
@@ -138,7 +139,7 @@ def test_non_finite_steps_are_skipped_then_stop_keeping_the_checkpoint(
         # Step 3 is poisoned once (skipped, training goes on); from step 6 on, every step.
         return loss * float("nan") if len(calls) == 3 or len(calls) >= 6 else loss
 
-    monkeypatch.setattr(train_module, "compute_loss", poisoned)
+    monkeypatch.setattr(loop, "compute_loss", poisoned)
     recipe = validate_recipe(
         {
             "model": {"path": "builtin:tiny-sd15"},

@@ -81,15 +81,15 @@ def test_mixed_aspect_set_with_corrupt_file_trains(make_recipe, tmp_path, caplog
         (folder / f"{i}.txt").write_text(f"a {colors[i % 3]} image")
     (folder / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
     seen_shapes = []
-    from tuner import train as train_module
+    from tuner import loop
 
-    real = train_module.compute_loss
+    real = loop.compute_loss
 
     def spy(recipe, family, comps, objective, batch, *rest):
         seen_shapes.append(tuple(batch["latents"].shape))
         return real(recipe, family, comps, objective, batch, *rest)
 
-    train_module.compute_loss = spy
+    loop.compute_loss = spy
     try:
         with caplog.at_level(logging.INFO, logger="tuner"):
             run_training(
@@ -100,7 +100,7 @@ def test_mixed_aspect_set_with_corrupt_file_trains(make_recipe, tmp_path, caplog
                 )
             )
     finally:
-        train_module.compute_loss = real
+        loop.compute_loss = real
     messages = [r.getMessage() for r in caplog.records]
     assert any("corrupt.png" in m and "unreadable" in m for m in messages)
     histogram = next(m for m in messages if "buckets:" in m)

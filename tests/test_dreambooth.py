@@ -57,7 +57,7 @@ def recipe_of(raw: dict, *overrides: str):
 def test_prior_loss_is_instance_plus_weighted_class(db_raw):
     from accelerate import Accelerator
 
-    from tuner.train import compute_loss
+    from tuner.loop import compute_loss
 
     recipe = recipe_of(db_raw, "dreambooth.prior_loss_weight=0.7", "train.steps=1")
     result = run_training(recipe)

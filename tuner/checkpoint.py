@@ -8,9 +8,13 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import shutil
 from pathlib import Path
+
+import numpy as np
+import torch
 
 from tuner.errors import TunerError
 
@@ -89,3 +93,91 @@ def _fsync_tree(folder: Path) -> None:
         if path.is_file():
             with open(path, "rb") as handle:
                 os.fsync(handle.fileno())
+
+
+# --- what a checkpoint holds --------------------------------------------------------------
+
+
+def save_training_state(run) -> Path:
+    """LoRA weights (PEFT names, for resuming, and a diffusers-format adapter, for using),
+    optimizer (8-bit states included), LR schedule, grad scaler and RNG states."""
+    from safetensors.torch import save_file
+
+    from tuner import adapters
+
+    accelerator = run.accelerator
+
+    def contents(folder: Path) -> None:
+        if accelerator.is_main_process:
+            adapters.save_adapter(folder, run.family, run.trained)
+            lora = {
+                f"{name}::{k}": v.detach().cpu().contiguous()
+                for name, module in run.trained.items()
+                for k, v in adapters.peft_state(module).items()
+            }
+            save_file(lora, str(folder / "lora_state.safetensors"))
+            scaler = accelerator.scaler.state_dict() if accelerator.scaler else None
+            torch.save(
+                {
+                    "optimizer": run.optimizer.state_dict(),
+                    "scheduler": run.scheduler.state_dict(),
+                    "rng": rng_state(),
+                    "scaler": scaler,
+                },
+                folder / "training_state.pt",
+            )
+        accelerator.wait_for_everyone()
+
+    final = write_checkpoint(
+        run.output_dir,
+        run.state["step"],
+        contents,
+        dict(run.state),
+        accelerator.is_main_process,
+        run.recipe.output.keep,
+    )
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load_training_state(folder: Path, run) -> dict:
+    """Restore a checkpoint into the run's already-injected adapters; returns the loop state."""
+    from peft.utils import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    lora = load_file(str(folder / "lora_state.safetensors"))
+    for name, module in run.trained.items():
+        prefix = f"{name}::"
+        weights = {k[len(prefix) :]: v for k, v in lora.items() if k.startswith(prefix)}
+        # Loads into the adapter already injected: resuming never adds a second adapter.
+        set_peft_model_state_dict(module, weights)
+    # weights_only: a checkpoint path comes from the user, so nothing in it may run code.
+    saved = torch.load(folder / "training_state.pt", map_location="cpu", weights_only=True)
+    run.optimizer.load_state_dict(saved["optimizer"])
+    run.scheduler.load_state_dict(saved["scheduler"])
+    restore_rng_state(saved["rng"])
+    if saved.get("scaler") and run.accelerator.scaler:
+        run.accelerator.scaler.load_state_dict(saved["scaler"])
+    return read_state(folder)
+
+
+def rng_state() -> dict:
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    # Plain types and tensors only, so the file loads with torch.load(weights_only=True).
+    state = {
+        "python": random.getstate(),
+        "torch": torch.get_rng_state(),
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

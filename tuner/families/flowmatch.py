@@ -139,6 +139,26 @@ class FlowMatchFamily(Family):
 
 
 @lru_cache(maxsize=1)
+def mmdit_vae(scaling_factor: float, shift_factor: float):
+    """The 16-channel VAE of SD3 and Flux (same layout; each has its own latent statistics)."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        block_out_channels=(128, 256, 512, 512),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        layers_per_block=2,
+        latent_channels=16,
+        norm_num_groups=32,
+        sample_size=1024,
+        scaling_factor=scaling_factor,
+        shift_factor=shift_factor,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        force_upcast=True,
+    )
+
+
 def offline_t5_tokenizer() -> T5TokenizerFast:
     """A real T5TokenizerFast (Unigram, `▁` word starts, </s> appended, <pad> = 0) over a tiny
     character vocabulary: no tokenizer file can be downloaded here."""

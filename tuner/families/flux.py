@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import torch
 from diffusers import (
-    AutoencoderKL,
     FlowMatchEulerDiscreteScheduler,
     FluxPipeline,
     FluxTransformer2DModel,
@@ -18,6 +17,7 @@ from tuner.families.flowmatch import (
     FlowMatchFamily,
     clip_config,
     default_dtype,
+    mmdit_vae,
     offline_t5_tokenizer,
     t5_encoder,
 )
@@ -122,23 +122,6 @@ def flux_transformer_config(variant: str) -> dict:
     }
 
 
-def flux_vae() -> AutoencoderKL:
-    return AutoencoderKL(
-        block_out_channels=(128, 256, 512, 512),
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        layers_per_block=2,
-        latent_channels=16,
-        norm_num_groups=32,
-        sample_size=1024,
-        scaling_factor=0.3611,
-        shift_factor=0.1159,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-        force_upcast=True,
-    )
-
-
 def build_tiny_flux() -> dict:
     """Flux.1-dev at toy size (guidance embedding on, resolution-dependent shift)."""
     torch.manual_seed(7)
@@ -178,7 +161,7 @@ def build_arch_flux(variant: str = "dev") -> dict:
     with default_dtype(torch.bfloat16):
         return {
             "transformer": FluxTransformer2DModel(**flux_transformer_config(variant)),
-            "vae": flux_vae(),
+            "vae": mmdit_vae(scaling_factor=0.3611, shift_factor=0.1159),
             "text_encoder": CLIPTextModel(clip_config(768, 12, 12, full_vocab=True)),
             "tokenizer": offline_clip_tokenizer(),
             "text_encoder_2": t5_encoder(

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import torch
 from diffusers import (
-    AutoencoderKL,
     FlowMatchEulerDiscreteScheduler,
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
@@ -19,6 +18,7 @@ from tuner.families.flowmatch import (
     FlowMatchFamily,
     clip_config,
     default_dtype,
+    mmdit_vae,
     offline_t5_tokenizer,
     t5_encoder,
 )
@@ -113,23 +113,6 @@ def sd35_large_transformer_config() -> dict:
     }
 
 
-def sd3_vae() -> AutoencoderKL:
-    return AutoencoderKL(
-        block_out_channels=(128, 256, 512, 512),
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        layers_per_block=2,
-        latent_channels=16,
-        norm_num_groups=32,
-        sample_size=1024,
-        scaling_factor=1.5305,
-        shift_factor=0.0609,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-        force_upcast=True,
-    )
-
-
 def build_tiny_sd3() -> dict:
     """SD3.5 at toy size: 2 blocks with QK norm; CLIP-L and CLIP-G 32 wide (their hidden states
     concatenate to 64 = the T5 width, their projections to 64 = the pooled width)."""
@@ -173,7 +156,7 @@ def build_arch_sd35() -> dict:
     with default_dtype(torch.bfloat16):
         return {
             "transformer": SD3Transformer2DModel(**sd35_large_transformer_config()),
-            "vae": sd3_vae(),
+            "vae": mmdit_vae(scaling_factor=1.5305, shift_factor=0.0609),
             "text_encoder": CLIPTextModelWithProjection(clip_config(768, 12, 12, full_vocab=True)),
             "tokenizer": offline_clip_tokenizer(),
             "text_encoder_2": CLIPTextModelWithProjection(
