@@ -130,6 +130,17 @@ class Family:
         return comps.denoiser.config.sample_size * vae_scale
 
 
+def token_ids(tokenizer, prompts: list[str]) -> torch.Tensor:
+    """Padded, truncated ids at the tokenizer's full length (77 for CLIP)."""
+    return tokenizer(
+        prompts,
+        padding="max_length",
+        max_length=tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids
+
+
 def require(condition: bool, message: str) -> None:
     if not condition:
         raise TunerError(message)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from diffusers import DDPMScheduler, StableDiffusionPipeline
 
-from tuner.families.base import Components, Family
+from tuner.families.base import Components, Family, token_ids
 from tuner.families.loading import load_pipeline_modules
 from tuner.objectives import DDPMObjective
 
@@ -34,13 +34,7 @@ class StableDiffusionFamily(Family):
 
     def encode_prompts(self, comps: Components, prompts: list[str]) -> dict[str, torch.Tensor]:
         tokenizer, encoder = comps.tokenizers["tokenizer"], comps.text_encoders["text_encoder"]
-        ids = tokenizer(
-            prompts,
-            padding="max_length",
-            max_length=tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids
+        ids = token_ids(tokenizer, prompts)
         return {"prompt_embeds": encoder(ids.to(encoder.device))[0]}
 
     def objective(self, comps: Components, train) -> DDPMObjective:

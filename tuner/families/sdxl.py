@@ -24,7 +24,7 @@ from transformers import CLIPTextModelWithProjection
 
 from tuner.errors import TunerError
 from tuner.families.arch import SDXL_SCHEDULER, build_arch_sdxl
-from tuner.families.base import Components, Family
+from tuner.families.base import Components, Family, token_ids
 from tuner.families.builtin import tiny_clip, tiny_vae
 from tuner.families.loading import HUB_ID, PICKLE_SUFFIXES, load_pipeline_modules, source_kind
 from tuner.families.tokenizer import offline_clip_tokenizer
@@ -73,13 +73,7 @@ class SDXLFamily(Family):
         for tokenizer_name, encoder_name in ENCODERS:
             tokenizer = comps.tokenizers[tokenizer_name]
             encoder = comps.text_encoders[encoder_name]
-            ids = tokenizer(
-                prompts,
-                padding="max_length",
-                max_length=tokenizer.model_max_length,
-                truncation=True,
-                return_tensors="pt",
-            ).input_ids
+            ids = token_ids(tokenizer, prompts)
             output = encoder(ids.to(encoder.device), output_hidden_states=True)
             hidden.append(output.hidden_states[-2])
         # The loop ends on encoder 2 (CLIPTextModelWithProjection): its projection is the pooled

@@ -128,14 +128,8 @@ def quiet_progress(args) -> None:
 # --- tuner sample ----------------------------------------------------------------------------
 
 
-def cmd_sample(args) -> int:
-    quiet_progress(args)
-    prompts = read_prompts(args)
-    if not prompts:
-        raise TunerError("no prompt; give --prompt TEXT (repeatable) or --prompt-file FILE")
-    specs = lora_specs(args.lora)
-    model, family = base_model(args, specs)
-    settings = Settings(
+def settings_from(args, model: str, family) -> Settings:
+    return Settings(
         model,
         family,
         args.negative or "",
@@ -145,6 +139,16 @@ def cmd_sample(args) -> int:
         args.height,
         args.scheduler or "default",
     )
+
+
+def cmd_sample(args) -> int:
+    quiet_progress(args)
+    prompts = read_prompts(args)
+    if not prompts:
+        raise TunerError("no prompt; give --prompt TEXT (repeatable) or --prompt-file FILE")
+    specs = lora_specs(args.lora)
+    model, family = base_model(args, specs)
+    settings = settings_from(args, model, family)
     label = " + ".join(f"{s.label}:{s.scale:g}" for s in specs) or "base"
     choices = {label: AdapterChoice(label, specs)}
     cells = grid_cells(prompts, args.seed or [0], [1.0], choices)
@@ -271,16 +275,7 @@ def cmd_grid(args) -> int:
     else:
         specs = lora_specs(args.lora)
         model, family = base_model(args, specs)
-        settings = Settings(
-            model,
-            family,
-            args.negative or "",
-            args.steps,
-            args.guidance,
-            args.width,
-            args.height,
-            args.scheduler or "default",
-        )
+        settings = settings_from(args, model, family)
         prompts, seeds = read_prompts(args), args.seed or [0]
         several = len(specs) > 1
         default_cols = "adapter,scale" if several else "scale"
