@@ -122,7 +122,7 @@ def test_sigint_saves_a_checkpoint_and_prints_how_to_resume(tmp_path, style_dir)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 2
     last = err.strip().splitlines()[-1]
-    assert "resume with:" in last and "train.resume=latest" in last
+    assert last.endswith(f"resume with: ./launch.sh {path} train.resume=latest")
     saved = checkpoint.complete_checkpoints(tmp_path / "interrupted")[-1]
     step = checkpoint.read_state(saved)["step"]
     assert f"at step {step}" in last and step >= 2

@@ -100,7 +100,7 @@ def run_steps(run: Run) -> None:
             bar.close()
             raise TunerError(
                 f"stopped by {stopper.signal_name} at step {step}; resume with: "
-                f"./launch.sh RECIPE train.resume=latest output.dir={run.output_dir}"
+                f"{run.recipe.command('train.resume=latest')}"
             )
     bar.close()
     log.info("trained %d steps in %.1fs", train_cfg.steps, time.perf_counter() - started)

@@ -11,7 +11,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from tuner.errors import TunerError
 
@@ -209,6 +217,16 @@ class Recipe(Section):
     output: OutputSection
     log: LogSection = Field(default_factory=LogSection)
     dreambooth: DreamBoothSection | None = None
+    # Where it came from, so messages can print a command that reproduces or resumes the run.
+    _source: str | None = PrivateAttr(default=None)
+    _overrides: tuple[str, ...] = PrivateAttr(default=())
+
+    def command(self, *extra: str) -> str:
+        """The launch command for this recipe (its file, its overrides, plus `extra`)."""
+        import shlex
+
+        parts = [self._source or "RECIPE", *self._overrides, *extra]
+        return "./launch.sh " + " ".join(shlex.quote(p) for p in parts)
 
     @model_validator(mode="after")
     def _has_data(self) -> Recipe:
@@ -237,7 +255,12 @@ def load_recipe(path: str | Path, overrides: tuple[str, ...] | list[str] = ()) -
             f"{path}: a recipe must be a mapping of sections, got {type(raw).__name__}"
         )
     raw = apply_overrides(raw, overrides, source=str(path))
-    return validate_recipe(raw, source=str(path))
+    recipe = validate_recipe(raw, source=str(path))
+    recipe._source, recipe._overrides = (
+        str(path),
+        tuple(o for o in overrides if not o.startswith("train.resume=")),
+    )
+    return recipe
 
 
 def validate_recipe(raw: dict, source: str = "<recipe>") -> Recipe:
