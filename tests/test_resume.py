@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 
 from tuner import checkpoint
 from tuner.adapters import WEIGHT_NAME
+from tuner.errors import TunerError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -153,10 +154,35 @@ def test_disk_full_during_save_keeps_the_previous_checkpoint(tmp_path):
     def fail(folder: Path) -> None:
         raise OSError(28, "No space left on device")
 
-    with pytest.raises(OSError):
+    with pytest.raises(TunerError) as info:
         checkpoint.write_checkpoint(out, 4, fail, {"step": 4}, True, 3)
+    assert str(info.value).startswith("could not save checkpoint step-000004 (No space left")
+    assert "last complete checkpoint is" in str(info.value) and "step-000002" in str(info.value)
     latest = checkpoint.resolve_resume("latest", out)
     assert latest.name == "step-000002" and (latest / "a").read_text() == "x"
+    assert not (out / "checkpoints" / ".tmp-step-000004").exists()
+
+
+def test_disk_full_during_training_is_one_line(tmp_path, style_dir, capsys, monkeypatch):
+    """Through the CLI: the second checkpoint hits ENOSPC; one line, exit 2, first one kept."""
+    from tuner.cli import main
+
+    path = recipe_file(tmp_path, style_dir, "full-disk")
+    real_save, calls = torch.save, []
+
+    def flaky_save(obj, target, *args, **kwargs):
+        calls.append(target)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        return real_save(obj, target, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", flaky_save)
+    assert main(["train", str(path)]) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith("error: could not save checkpoint step-000004 (No space left")
+    latest = checkpoint.resolve_resume("latest", tmp_path / "full-disk")
+    assert latest.name == "step-000002"
+    assert load_file(str(latest / WEIGHT_NAME))
 
 
 @pytest.mark.slow

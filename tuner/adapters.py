@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -106,5 +109,11 @@ def save_adapter(directory: Path, family, trained, weight_name: str = WEIGHT_NAM
         name: {k: v.detach().float().cpu() for k, v in sd.items()}
         for name, sd in adapter_state(trained).items()
     }
-    family.save_lora(directory, state, adapter_metadata(trained), weight_name)
+    # Written beside the target and renamed: an existing adapter is never half-overwritten.
+    staging = Path(tempfile.mkdtemp(prefix=".saving-", dir=directory))
+    try:
+        family.save_lora(staging, state, adapter_metadata(trained), weight_name)
+        os.replace(staging / weight_name, directory / weight_name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return directory / weight_name

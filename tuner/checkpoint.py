@@ -67,17 +67,26 @@ def write_checkpoint(
     root = Path(output_dir) / "checkpoints"
     final = root / step_dir_name(step)
     tmp = root / f".tmp-{step_dir_name(step)}"
-    if is_main:
+    try:
+        if is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        save_contents(tmp)
+        if is_main:
+            (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))
+            _fsync_tree(tmp)
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            prune(output_dir, keep)
+    except OSError as exc:  # disk full, quota, permissions: earlier checkpoints stay intact
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    save_contents(tmp)
-    if is_main:
-        (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))
-        _fsync_tree(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        prune(output_dir, keep)
+        previous = complete_checkpoints(output_dir)
+        kept = f"the last complete checkpoint is {previous[-1]}" if previous else "none saved yet"
+        raise TunerError(
+            f"could not save checkpoint {final.name} ({exc.strerror or exc}); "
+            f"{kept}; free space and resume with train.resume=latest"
+        ) from None
     return final
 
 

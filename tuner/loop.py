@@ -82,27 +82,28 @@ def run_steps(run: Run) -> None:
     )
     for model in run.trained.values():
         model.train()
-    while run.state["step"] < train_cfg.steps:
-        step = run.state["step"] + 1
-        finite = train_one_step(run, running)
-        bad_steps = 0 if finite else bad_steps + 1
-        if not finite:
-            check_non_finite(run, step, bad_steps)
-        run.scheduler.step()
-        stop_text_encoder_training(run, step)
-        bar.update(1)
-        log_progress(run, step, running, bar)
-        save_now = run.recipe.output.save_every and step % run.recipe.output.save_every == 0
-        if save_now or stopper.requested:
-            checkpoint.save_training_state(run)
-        sample_during_training(run, step)
-        if stopper.requested:
-            bar.close()
-            raise TunerError(
-                f"stopped by {stopper.signal_name} at step {step}; resume with: "
-                f"{run.recipe.command('train.resume=latest')}"
-            )
-    bar.close()
+    try:  # the bar is closed before any error line, so that line is the last one printed
+        while run.state["step"] < train_cfg.steps:
+            step = run.state["step"] + 1
+            finite = train_one_step(run, running)
+            bad_steps = 0 if finite else bad_steps + 1
+            if not finite:
+                check_non_finite(run, step, bad_steps)
+            run.scheduler.step()
+            stop_text_encoder_training(run, step)
+            bar.update(1)
+            log_progress(run, step, running, bar)
+            save_now = run.recipe.output.save_every and step % run.recipe.output.save_every == 0
+            if save_now or stopper.requested:
+                checkpoint.save_training_state(run)
+            sample_during_training(run, step)
+            if stopper.requested:
+                raise TunerError(
+                    f"stopped by {stopper.signal_name} at step {step}; resume with: "
+                    f"{run.recipe.command('train.resume=latest')}"
+                )
+    finally:
+        bar.close()
     log.info("trained %d steps in %.1fs", train_cfg.steps, time.perf_counter() - started)
 
 

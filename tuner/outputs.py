@@ -46,6 +46,19 @@ def finish_outputs(
     recipe, output_dir: Path, family, comps, trained, accelerator, steps: int, report
 ) -> None:
     """Final adapter in every requested format, the final grid, the model card."""
+    try:
+        write_outputs(recipe, output_dir, family, comps, trained, accelerator, steps, report)
+    except OSError as exc:  # disk full, quota: files are written atomically, so none is partial
+        raise TunerError(
+            f"could not write the final outputs to {output_dir} "
+            f"({exc.strerror or exc}); checkpoints are intact: free space and rerun "
+            "with train.resume=latest"
+        ) from None
+
+
+def write_outputs(
+    recipe, output_dir: Path, family, comps, trained, accelerator, steps: int, report
+) -> None:
     from tuner.sample import training_grid
 
     unwrapped = {name: accelerator.unwrap_model(m) for name, m in trained.items()}
