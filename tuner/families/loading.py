@@ -116,7 +116,12 @@ def load_pipeline_modules(family, model, dtype: torch.dtype, components: dict | 
     extras = {**family.pipeline_extras(), **(components or {})}
     if kind == "builtin":
         modules = BUILTINS[builtin_name(model.path)][1]()
-        return family.pipeline_class(**{**modules, **extras}).to(dtype=dtype)
+        pipe = family.pipeline_class(**{**modules, **extras})
+        # Builtins are built in fp32; cast only what was built here (not supplied components).
+        for name, module in modules.items():
+            if dtype != torch.float32 and name not in extras and hasattr(module, "to"):
+                module.to(dtype=dtype)
+        return pipe
     if kind == "file":
         return _from_single_file(family, model, dtype, extras)
     try:
