@@ -182,3 +182,15 @@ def test_trackers_write_real_files(make_recipe, monkeypatch):
     assert list(out.rglob("events.out.tfevents.*"))
     runs = list((out / "wandb").glob("offline-run-*"))
     assert runs and list(runs[0].glob("*.wandb"))
+
+
+def test_dora_trains_and_loads_without_a_kohya_file(make_recipe):
+    result = run_training(make_recipe("adapter.dora=true", "train.steps=2", "train.lr=1e-2"))
+    saved = load_file(str(result.output_dir / WEIGHT_NAME))
+    assert any("magnitude" in k for k in saved)
+    assert not (result.output_dir / "pytorch_lora_weights_kohya.safetensors").exists()
+    pipe = load_pipeline("builtin:tiny-sd15")
+    base = images(pipe)
+    pipe.load_lora_weights(str(result.output_dir))
+    assert any("lora_magnitude_vector" in k for k in pipe.unet.state_dict())
+    assert abs(images(pipe) - base).max() > 1e-4

@@ -32,8 +32,18 @@ def prepare_output_dir(recipe, output_dir: Path, resuming: bool) -> None:
             f"output.dir: cannot write to {output_dir} ({exc.strerror or exc}); "
             "choose a writable folder"
         ) from None
+    if "kohya" in recipe.output.formats and not kohya_export_possible(recipe):
+        log.warning(
+            "adapter.dora: the kohya file is skipped (DoRA has no kohya layout); the "
+            "diffusers file loads in diffusers and ComfyUI"
+        )
     (output_dir / FINISHED).unlink(missing_ok=True)
     write_text_atomic(output_dir / "recipe.yaml", recipe.to_yaml())
+
+
+def kohya_export_possible(recipe) -> bool:
+    """DoRA's magnitude vectors have no kohya/webui layout: such runs export diffusers only."""
+    return "kohya" in recipe.output.formats and not recipe.adapter.dora
 
 
 def write_text_atomic(path: Path, text: str) -> None:
@@ -66,7 +76,7 @@ def write_outputs(
     tags = tag_frequency(report.captions)
     meta = export.training_metadata(recipe, family, steps, tags)
     export.add_metadata(adapter_file, meta)
-    if "kohya" in recipe.output.formats:
+    if kohya_export_possible(recipe):
         state, file_meta = export.read_adapter(adapter_file)
         kohya = export.to_kohya(state, file_meta, family.kohya_prefixes)
         export.write_safetensors(kohya, output_dir / adapters.KOHYA_WEIGHT_NAME, meta)
