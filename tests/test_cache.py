@@ -107,3 +107,20 @@ def test_mixed_aspect_set_with_corrupt_file_trains(make_recipe, tmp_path, caplog
     assert histogram.count(": 2 images") == 3  # three buckets, two images each
     # Every batch stacked into one tensor (so it is single-bucket), and all 3 sizes trained.
     assert {s[2:] for s in seen_shapes} == {(32, 32), (32, 48), (48, 32)}
+
+
+def test_changed_local_weights_invalidate_the_cache(make_recipe, tmp_path, monkeypatch):
+    import os
+
+    from tuner import load_pipeline
+
+    folder = tmp_path / "base"
+    load_pipeline("builtin:tiny-sd15").save_pretrained(folder)
+    run_training(make_recipe(f"model.path={folder}", "train.steps=1"))
+    calls = spy_vae_encode(monkeypatch)
+    run_training(make_recipe(f"model.path={folder}", "train.steps=1"))
+    assert calls == []  # same weights: all hits
+    vae_file = next((folder / "vae").glob("*.safetensors"))
+    os.utime(vae_file, ns=(0, vae_file.stat().st_mtime_ns + 10**9))  # "retrained" in place
+    run_training(make_recipe(f"model.path={folder}", "train.steps=1"))
+    assert len(calls) >= 1  # re-encoded with the new weights

@@ -14,6 +14,7 @@ from transformers import CLIPTextConfig, T5Config, T5EncoderModel, T5TokenizerFa
 from tuner.errors import TunerError
 from tuner.families import quantize
 from tuner.families.base import Components, Family
+from tuner.families.loading import model_identity
 from tuner.families.tokenizer import vocab_size
 from tuner.flow import build_flow_objective
 
@@ -52,7 +53,7 @@ class FlowMatchFamily(Family):
         pipe = quantize.load_pipeline(
             self, model, dtype, self.transformer_cls, self.leave_out(model)
         )
-        comps = self.components_from_pipeline(pipe, identity=f"{self.name}:{model.path}")
+        comps = self.components_from_pipeline(pipe, identity=model_identity(self.name, model))
         comps.extra["max_sequence_length"] = self.default_sequence_length(comps)
         return comps
 

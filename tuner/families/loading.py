@@ -48,6 +48,22 @@ def source_kind(path: str) -> str:
     )
 
 
+def model_identity(family_name: str, model) -> str:
+    """What the cache keys on for this model: family, source, revision/variant, and for local
+    weights their files' sizes and modification times (a retrained folder at the same path must
+    not reuse old latents; stat is cheap where hashing gigabytes is not)."""
+    parts = [family_name, model.path, model.revision or "", model.variant or ""]
+    for extra in (model.vae_path,):
+        if extra:
+            parts.append(f"vae:{extra}")
+    for source in (model.path, model.vae_path):
+        local = Path(source).expanduser() if source else None
+        if local is not None and local.exists():
+            files = [local] if local.is_file() else sorted(local.rglob("*.safetensors"))
+            parts += [f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files]
+    return "|".join(parts)
+
+
 def detect_family(path: str) -> str:
     kind = source_kind(path)
     if kind == "builtin":

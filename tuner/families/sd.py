@@ -6,7 +6,7 @@ import torch
 from diffusers import DDPMScheduler, StableDiffusionPipeline
 
 from tuner.families.base import Components, Family, token_ids
-from tuner.families.loading import load_pipeline_modules
+from tuner.families.loading import load_pipeline_modules, model_identity
 from tuner.objectives import DDPMObjective
 
 
@@ -27,7 +27,7 @@ class StableDiffusionFamily(Family):
 
     def load(self, model, dtype: torch.dtype) -> Components:
         pipe = load_pipeline_modules(self, model, dtype)
-        comps = self.components_from_pipeline(pipe, identity=f"{self.name}:{model.path}")
+        comps = self.components_from_pipeline(pipe, identity=model_identity(self.name, model))
         if model.prediction_type:
             comps.scheduler.register_to_config(prediction_type=model.prediction_type)
         return comps

@@ -26,7 +26,13 @@ from tuner.errors import TunerError
 from tuner.families.arch import SDXL_SCHEDULER, build_arch_sdxl
 from tuner.families.base import Components, Family, token_ids
 from tuner.families.builtin import tiny_clip, tiny_vae
-from tuner.families.loading import HUB_ID, PICKLE_SUFFIXES, load_pipeline_modules, source_kind
+from tuner.families.loading import (
+    HUB_ID,
+    PICKLE_SUFFIXES,
+    load_pipeline_modules,
+    model_identity,
+    source_kind,
+)
 from tuner.families.tokenizer import offline_clip_tokenizer
 from tuner.objectives import DDPMObjective
 
@@ -52,10 +58,8 @@ class SDXLFamily(Family):
         # The VAE is read first so the pipeline never loads (or rounds) a VAE it then drops.
         vae = load_vae(model, dtype) if model.vae_path else released_vae_in_fp32(model)
         pipe = load_pipeline_modules(self, model, dtype, None if vae is None else {"vae": vae})
-        identity = f"{self.name}:{model.path}"
-        if model.vae_path:
-            identity += f"+vae:{model.vae_path}"  # another VAE means other latents in the cache
-        comps = self.components_from_pipeline(pipe, identity=identity)
+        # Another VAE (model.vae_path) means other latents: it is part of the identity.
+        comps = self.components_from_pipeline(pipe, identity=model_identity(self.name, model))
         # Builtins are cast as a whole and a single file's VAE comes in the compute dtype, so
         # the dtype is settled here (their weights keep that dtype's rounding).
         comps.vae.to(dtype if model.vae_path else torch.float32)
