@@ -36,7 +36,8 @@ def cmd_train(args) -> int:
 
     recipe = load_recipe(args.recipe, args.overrides)
     output = train(recipe)
-    print(f"done: adapter and samples in {output}")
+    if os.environ.get("RANK", "0") == "0":  # one line per run, not per process
+        print(f"done: adapter and samples in {output}")
     return 0
 
 
