@@ -90,8 +90,14 @@ def peft_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return get_peft_model_state_dict(module)
 
 
-def adapter_state(trained: dict[str, torch.nn.Module]) -> dict[str, dict[str, torch.Tensor]]:
-    """Per component, its LoRA weights in diffusers naming."""
+def adapter_state(
+    trained: dict[str, torch.nn.Module], naming: str = "diffusers"
+) -> dict[str, dict[str, torch.Tensor]]:
+    """Per component, its LoRA weights in the naming the family's loader reads: "diffusers"
+    (UNet-era `lora.down`/`lora.up`) or "peft" (`lora_A`/`lora_B`, what diffusers' transformer
+    loaders expect throughout)."""
+    if naming == "peft":
+        return {name: get_peft_model_state_dict(module) for name, module in trained.items()}
     return {
         name: convert_state_dict_to_diffusers(get_peft_model_state_dict(module))
         for name, module in trained.items()
@@ -103,16 +109,22 @@ def adapter_metadata(trained: dict[str, torch.nn.Module]) -> dict[str, dict]:
     return {name: module.peft_config["default"].to_dict() for name, module in trained.items()}
 
 
-def save_adapter(directory: Path, family, trained, weight_name: str = WEIGHT_NAME) -> Path:
+def save_adapter(
+    directory: Path, family, trained, weight_name: str = WEIGHT_NAME, extra_metadata=None
+) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     state = {
         name: {k: v.detach().float().cpu() for k, v in sd.items()}
-        for name, sd in adapter_state(trained).items()
+        for name, sd in adapter_state(trained, family.lora_key_naming).items()
     }
     # Written beside the target and renamed: an existing adapter is never half-overwritten.
     staging = Path(tempfile.mkdtemp(prefix=".saving-", dir=directory))
     try:
         family.save_lora(staging, state, adapter_metadata(trained), weight_name)
+        if extra_metadata:  # before publishing: the final file never lacks its metadata
+            from tuner.export import add_metadata
+
+            add_metadata(staging / weight_name, extra_metadata)
         os.replace(staging / weight_name, directory / weight_name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -66,24 +66,22 @@ def words(text: str) -> list[str]:
     return text.replace(",", " ").split()
 
 
-def find_target(recipe, captions_by_entry: list[tuple[object, list[str]]]) -> Target:
-    """The most frequent style trigger and subject token in the training captions.
-    captions_by_entry: (dataset entry or None for the instance folder, its final captions)."""
+def find_target(recipe, items) -> Target:
+    """The most frequent style trigger and subject token in the training captions (the data
+    pipeline's items: caption as trained, with the prefix/suffix its dataset added)."""
     styles: Counter[str] = Counter()
     subjects: Counter[str] = Counter()
     affix: dict[str, tuple[str, str]] = {}
     triggers = {trigger: style for style, trigger in world.STYLE_TRIGGERS.items()}
     tokens = {subject.token: name for name, subject in world.SUBJECTS.items()}
-    for entry, captions in captions_by_entry:
-        entry_affix = (entry.prefix, entry.suffix) if entry is not None else ("", "")
-        for caption in captions:
-            for word in words(caption):
-                if word in triggers:
-                    styles[triggers[word]] += 1
-                    affix.setdefault(triggers[word], entry_affix)
-                elif word in tokens:
-                    subjects[tokens[word]] += 1
-                    affix.setdefault(tokens[word], entry_affix)
+    for item in items:
+        for word in words(item.caption):
+            if word in triggers:
+                styles[triggers[word]] += 1
+                affix.setdefault(triggers[word], (item.prefix, item.suffix))
+            elif word in tokens:
+                subjects[tokens[word]] += 1
+                affix.setdefault(tokens[word], (item.prefix, item.suffix))
     style = styles.most_common(1)[0][0] if styles else None
     subject = subjects.most_common(1)[0][0] if subjects else None
     db = recipe.dreambooth

@@ -33,14 +33,6 @@ DOWN_KINDS = ("lora.down", "lora_A", "lora_linear_layer.down")
 # transformers 5 dropped from CLIPTextModel; we always write the wrapper so webui loaders (and
 # diffusers, which accepts both) find every layer. T5 layers (`encoder.block.`) have no wrapper.
 CLIP_WITHOUT_WRAPPER = re.compile(r"^(encoder\.layers\.|embeddings\.|final_layer_norm\b)")
-# kohya's `ss_base_model_version` values, which webui front ends use to sort adapters by base.
-KOHYA_BASE_VERSIONS = {
-    "sd15": "sd_v1",
-    "sd2": "sd_v2",
-    "sdxl": "sdxl_base_v1-0",
-    "sd3": "sd3",
-    "flux": "flux1",
-}
 DIFFUSERS_ONLY_METADATA = ("lora_adapter_metadata", "format")
 
 
@@ -235,11 +227,11 @@ def training_metadata(recipe, family, steps: int, tag_counts: dict[str, int]) ->
     )
     title = recipe.output.name or Path(recipe.output.dir).name
     resolution = f"{data.resolution}x{data.resolution}"
-    prediction = recipe.model.prediction_type or getattr(family, "prediction_type", None)
+    prediction = recipe.model.prediction_type
     meta = {
-        "ss_base_model_version": KOHYA_BASE_VERSIONS.get(family.name, family.name),
+        "ss_base_model_version": family.kohya_base_version or family.name,
         "ss_sd_model_name": recipe.model.path,
-        "ss_v2": str(family.name == "sd2"),
+        "ss_v2": str(family.kohya_base_version == "sd_v2"),
         "ss_network_module": "networks.lora",
         "ss_network_dim": str(adapter.rank),
         "ss_network_alpha": str(adapter.lora_alpha),

@@ -71,11 +71,8 @@ def write_outputs(
 ) -> None:
     from tuner.sample import training_grid
 
-    unwrapped = {name: accelerator.unwrap_model(m) for name, m in trained.items()}
-    adapter_file = adapters.save_adapter(output_dir, family, unwrapped)
-    tags = tag_frequency(report.captions)
-    meta = export.training_metadata(recipe, family, steps, tags)
-    export.add_metadata(adapter_file, meta)
+    meta = export.training_metadata(recipe, family, steps, tag_frequency(report.captions))
+    adapter_file = adapters.save_adapter(output_dir, family, trained, extra_metadata=meta)
     if kohya_export_possible(recipe):
         state, file_meta = export.read_adapter(adapter_file)
         kohya = export.to_kohya(state, file_meta, family.kohya_prefixes)

@@ -113,10 +113,6 @@ def render_batch(
         return pipe([cell.prompt for cell in cells], **kwargs).images
 
 
-def render(pipe, cell: Cell, **kwargs) -> Image.Image:
-    return render_batch(pipe, [cell], **kwargs)[0]
-
-
 def png_info(settings: dict) -> PngInfo:
     """Our settings as JSON under `tuner`; single images also get an A1111-style `parameters`."""
     info = PngInfo()
@@ -296,6 +292,9 @@ def _fit(draw, text: str, font, width: int) -> str:
 # --- during training ------------------------------------------------------------------------
 
 
+GRID_BATCH = 4
+
+
 def training_grid(recipe, output_dir: Path, family, comps, step: int, accelerator) -> Path | None:
     """Grid of the recipe's fixed prompts x seeds (rows) x adapter scales (columns)."""
     prompts = recipe.sample.prompts
@@ -307,24 +306,33 @@ def training_grid(recipe, output_dir: Path, family, comps, step: int, accelerato
     pipe.set_progress_bar_config(disable=True)
     set_scheduler(pipe, recipe.sample.scheduler)
     size = recipe.data.resolution
-    cells = []
+    sample = recipe.sample
+    cells = [
+        Cell(p, seed, scale, step)
+        for p in prompts
+        for seed in sample.seeds
+        for scale in sample.scales
+    ]
     was_training = comps.denoiser.training
     comps.denoiser.eval()
-    for prompt in prompts:
-        for seed in recipe.sample.seeds:
-            for scale in recipe.sample.scales:
-                cell = Cell(prompt, seed, scale, step)
-                cell.image = render(
-                    pipe,
-                    cell,
-                    steps=recipe.sample.steps,
-                    guidance=recipe.sample.guidance,
-                    negative_prompt=recipe.sample.negative_prompt,
-                    width=recipe.sample.width or size,
-                    height=recipe.sample.height or size,
-                    device=device,
-                )
-                cells.append(cell)
+    # Cells of one scale share pipeline calls (a few at a time, to bound memory); each keeps
+    # its own generator, so an image does not depend on its batch.
+    for scale in sample.scales:
+        same_scale = [cell for cell in cells if cell.scale == scale]
+        for start in range(0, len(same_scale), GRID_BATCH):
+            chunk = same_scale[start : start + GRID_BATCH]
+            images = render_batch(
+                pipe,
+                chunk,
+                steps=sample.steps,
+                guidance=sample.guidance,
+                negative_prompt=sample.negative_prompt,
+                width=sample.width or size,
+                height=sample.height or size,
+                device=device,
+            )
+            for cell, image in zip(chunk, images, strict=True):
+                cell.image = image
     comps.denoiser.train(was_training)
     for module in moved:
         module.to("cpu")

@@ -20,7 +20,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-from tuner.data.buckets import bucket_histogram, make_buckets, pick_bucket, resize_and_crop
+from tuner.data.buckets import (
+    bucket_histogram,
+    make_buckets,
+    pick_bucket,
+    resize_and_crop,
+    square_size,
+)
 from tuner.data.captions import process_caption
 from tuner.data.images import BadImage, load_image
 from tuner.data.sources import Record, list_records
@@ -128,7 +134,7 @@ def _items_of(records, entry, data, report: DataReport, role: str) -> list[Item]
                 width, height, buckets, no_upscale=options.no_upscale, step=options.step
             )
         else:
-            size = (resolution, resolution)
+            size = square_size(resolution)
         raw_caption = record.caption if record.caption else entry.default_caption
         items.append(
             Item(

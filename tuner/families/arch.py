@@ -21,6 +21,17 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 from tuner.families.builtin import sd_scheduler
 from tuner.families.tokenizer import offline_clip_tokenizer
 
+# Settings both published UNet configs (SD1.5, SDXL base) spell out identically.
+UNET_COMMON = {
+    "norm_num_groups": 32,
+    "norm_eps": 1e-5,
+    "act_fn": "silu",
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "downsample_padding": 1,
+    "mid_block_scale_factor": 1,
+}
+
 SD15_UNET = {
     "sample_size": 64,
     "in_channels": 4,
@@ -31,13 +42,7 @@ SD15_UNET = {
     "up_block_types": ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
     "cross_attention_dim": 768,
     "attention_head_dim": 8,
-    "norm_num_groups": 32,
-    "norm_eps": 1e-5,
-    "act_fn": "silu",
-    "flip_sin_to_cos": True,
-    "freq_shift": 0,
-    "downsample_padding": 1,
-    "mid_block_scale_factor": 1,
+    **UNET_COMMON,
 }
 
 SDXL_UNET = {
@@ -56,13 +61,7 @@ SDXL_UNET = {
     "addition_embed_type_num_heads": 64,
     "addition_time_embed_dim": 256,
     "projection_class_embeddings_input_dim": 2816,  # 6 time ids x 256 + pooled 1280
-    "norm_num_groups": 32,
-    "norm_eps": 1e-5,
-    "act_fn": "silu",
-    "flip_sin_to_cos": True,
-    "freq_shift": 0,
-    "downsample_padding": 1,
-    "mid_block_scale_factor": 1,
+    **UNET_COMMON,
 }
 
 SD_VAE = {

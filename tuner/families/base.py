@@ -13,8 +13,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from tuner.errors import TunerError
-
 
 @dataclass
 class Components:
@@ -44,6 +42,10 @@ class Family:
     default_resolution: int = 512
     kohya_prefixes: dict[str, str] = {"unet": "lora_unet", "text_encoder": "lora_te"}
     modelspec_architecture: str = ""
+    # LoRA key naming of saved adapters (see adapters.adapter_state).
+    lora_key_naming: str = "diffusers"
+    # kohya's `ss_base_model_version`, which webui front ends use to sort adapters by base.
+    kohya_base_version: str = ""
     # Cached text-encoder outputs that are per prompt (everything encode_prompts returns).
     # Per-sample conditioning that comes from the data (sizes, crops) is read from the batch.
 
@@ -125,10 +127,6 @@ class Family:
             str(directory), weight_name=weight_name, safe_serialization=True, **kwargs
         )
 
-    def sample_size(self, comps: Components) -> int:
-        vae_scale = 2 ** (len(comps.vae.config.block_out_channels) - 1)
-        return comps.denoiser.config.sample_size * vae_scale
-
 
 def token_ids(tokenizer, prompts: list[str]) -> torch.Tensor:
     """Padded, truncated ids at the tokenizer's full length (77 for CLIP)."""
@@ -139,8 +137,3 @@ def token_ids(tokenizer, prompts: list[str]) -> torch.Tensor:
         truncation=True,
         return_tensors="pt",
     ).input_ids
-
-
-def require(condition: bool, message: str) -> None:
-    if not condition:
-        raise TunerError(message)

@@ -8,7 +8,6 @@ import string
 from functools import lru_cache
 
 import torch
-from diffusers.utils import convert_unet_state_dict_to_peft
 from transformers import CLIPTextConfig, T5Config, T5EncoderModel, T5TokenizerFast
 
 from tuner.errors import TunerError
@@ -33,6 +32,10 @@ JOINT_ATTENTION = (
 
 class FlowMatchFamily(Family):
     denoiser_name = "transformer"
+    # The transformer loaders pick one naming from the first key and drop layers named the other
+    # way; diffusers' UNet-era conversion would mix them (to_q as lora.down, add_q_proj as
+    # lora_A). PEFT names throughout, as diffusers' own SD3/Flux training scripts save.
+    lora_key_naming = "peft"
     default_targets = JOINT_ATTENTION
     # OneTrainer's layout (`lora_transformer_<diffusers module path>`, lora_down/lora_up/alpha):
     # ComfyUI maps it for both Flux and SD3 (comfy/lora.py, next to the diffusers-style
@@ -116,16 +119,6 @@ class FlowMatchFamily(Family):
             default_resolution_shift=bool(config.get("use_dynamic_shifting", False)),
         )
 
-    def save_lora(
-        self, directory, layers: dict[str, dict], metadata: dict[str, dict], weight_name: str
-    ) -> None:
-        # convert_state_dict_to_diffusers gives UNet-era names (`lora.down`) to to_q/k/v/out and
-        # leaves PEFT names (`lora_A`) on add_*_proj; the transformer loaders pick one naming
-        # from the first key and silently drop the other layers. Save PEFT names throughout,
-        # as diffusers' own SD3/Flux training scripts do.
-        layers = {name: convert_unet_state_dict_to_peft(sd) for name, sd in layers.items()}
-        super().save_lora(directory, layers, metadata, weight_name)
-
     def encoding_pipeline(self, comps: Components):
         """A pipeline over the loaded modules, used for its encode_prompt: training sees
         exactly the conditioning that sampling computes."""
@@ -139,7 +132,6 @@ class FlowMatchFamily(Family):
 # --- builtin helpers: an offline T5 tokenizer and T5 encoders from config -------------------
 
 
-@lru_cache(maxsize=1)
 def mmdit_vae(scaling_factor: float, shift_factor: float):
     """The 16-channel VAE of SD3 and Flux (same layout; each has its own latent statistics)."""
     from diffusers import AutoencoderKL
@@ -160,6 +152,7 @@ def mmdit_vae(scaling_factor: float, shift_factor: float):
     )
 
 
+@lru_cache(maxsize=1)
 def offline_t5_tokenizer() -> T5TokenizerFast:
     """A real T5TokenizerFast (Unigram, `▁` word starts, </s> appended, <pad> = 0) over a tiny
     character vocabulary: no tokenizer file can be downloaded here."""
@@ -184,6 +177,12 @@ def t5_encoder(
         tie_word_embeddings=False,
     )
     return T5EncoderModel(config).eval()  # as from_pretrained returns it: dropout off
+
+
+def t5_xxl() -> T5EncoderModel:
+    """T5 v1.1 XXL's encoder (google/t5-v1_1-xxl), random init: the text encoder SD3 and Flux
+    share."""
+    return t5_encoder(4096, 10240, layers=24, heads=64, d_kv=64, vocab_size=32128)
 
 
 def clip_config(

@@ -20,6 +20,7 @@ from tuner.families.flowmatch import (
     mmdit_vae,
     offline_t5_tokenizer,
     t5_encoder,
+    t5_xxl,
 )
 from tuner.families.tokenizer import offline_clip_tokenizer
 
@@ -30,6 +31,7 @@ class FluxFamily(FlowMatchFamily):
     transformer_cls = FluxTransformer2DModel
     default_resolution = 1024
     modelspec_architecture = "flux-1-dev"
+    kohya_base_version = "flux1"
 
     def default_sequence_length(self, comps: Components) -> int:
         return 512 if has_guidance(comps.denoiser) else 256  # BFL's dev / schnell settings
@@ -81,9 +83,6 @@ class FluxFamily(FlowMatchFamily):
         )[0]
         return FluxPipeline._unpack_latents(out, h, w, 1)
 
-    def sample_size(self, comps: Components) -> int:
-        return 128 * self.vae_scale(comps)  # FluxPipeline.default_sample_size, in latents
-
 
 def has_guidance(transformer) -> bool:
     return bool(transformer.config.guidance_embeds)
@@ -122,6 +121,10 @@ def flux_transformer_config(variant: str) -> dict:
     }
 
 
+# The FLUX.1 VAE's latent statistics (its config's scaling and shift factors).
+FLUX_LATENT_STATS = {"scaling_factor": 0.3611, "shift_factor": 0.1159}
+
+
 def build_tiny_flux() -> dict:
     """Flux.1-dev at toy size (guidance embedding on, resolution-dependent shift)."""
     torch.manual_seed(7)
@@ -141,8 +144,7 @@ def build_tiny_flux() -> dict:
         "transformer": transformer,
         "vae": tiny_vae(
             16,
-            scaling_factor=0.3611,
-            shift_factor=0.1159,
+            **FLUX_LATENT_STATS,
             use_quant_conv=False,
             use_post_quant_conv=False,
         ),
@@ -161,12 +163,10 @@ def build_arch_flux(variant: str = "dev") -> dict:
     with default_dtype(torch.bfloat16):
         return {
             "transformer": FluxTransformer2DModel(**flux_transformer_config(variant)),
-            "vae": mmdit_vae(scaling_factor=0.3611, shift_factor=0.1159),
+            "vae": mmdit_vae(**FLUX_LATENT_STATS),
             "text_encoder": CLIPTextModel(clip_config(768, 12, 12, full_vocab=True)),
             "tokenizer": offline_clip_tokenizer(),
-            "text_encoder_2": t5_encoder(
-                4096, 10240, layers=24, heads=64, d_kv=64, vocab_size=32128
-            ),
+            "text_encoder_2": t5_xxl(),
             "tokenizer_2": offline_t5_tokenizer(),
             "scheduler": flux_scheduler(variant),
         }

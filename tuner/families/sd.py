@@ -21,6 +21,7 @@ class StableDiffusionFamily(Family):
         self.modelspec_architecture = (
             "stable-diffusion-v1" if name == "sd15" else "stable-diffusion-v2-768-v"
         )
+        self.kohya_base_version = "sd_v1" if name == "sd15" else "sd_v2"
 
     def pipeline_extras(self) -> dict:
         return {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}

@@ -21,6 +21,7 @@ from tuner.families.flowmatch import (
     mmdit_vae,
     offline_t5_tokenizer,
     t5_encoder,
+    t5_xxl,
 )
 from tuner.families.tokenizer import offline_clip_tokenizer
 
@@ -33,6 +34,7 @@ class SD3Family(FlowMatchFamily):
     transformer_cls = SD3Transformer2DModel
     default_resolution = 1024
     modelspec_architecture = "stable-diffusion-3.5-large"
+    kohya_base_version = "sd3"
 
     def leave_out(self, model) -> tuple[str, ...]:
         return T5_PARTS if model.drop_t5 else ()
@@ -113,6 +115,10 @@ def sd35_large_transformer_config() -> dict:
     }
 
 
+# The SD3/3.5 VAE's latent statistics (its config's scaling and shift factors).
+SD3_LATENT_STATS = {"scaling_factor": 1.5305, "shift_factor": 0.0609}
+
+
 def build_tiny_sd3() -> dict:
     """SD3.5 at toy size: 2 blocks with QK norm; CLIP-L and CLIP-G 32 wide (their hidden states
     concatenate to 64 = the T5 width, their projections to 64 = the pooled width)."""
@@ -135,8 +141,7 @@ def build_tiny_sd3() -> dict:
         "transformer": transformer,
         "vae": tiny_vae(
             16,
-            scaling_factor=1.5305,
-            shift_factor=0.0609,
+            **SD3_LATENT_STATS,
             use_quant_conv=False,
             use_post_quant_conv=False,
         ),
@@ -156,16 +161,14 @@ def build_arch_sd35() -> dict:
     with default_dtype(torch.bfloat16):
         return {
             "transformer": SD3Transformer2DModel(**sd35_large_transformer_config()),
-            "vae": mmdit_vae(scaling_factor=1.5305, shift_factor=0.0609),
+            "vae": mmdit_vae(**SD3_LATENT_STATS),
             "text_encoder": CLIPTextModelWithProjection(clip_config(768, 12, 12, full_vocab=True)),
             "tokenizer": offline_clip_tokenizer(),
             "text_encoder_2": CLIPTextModelWithProjection(
                 clip_config(1280, 32, 20, act="gelu", full_vocab=True)
             ),
             "tokenizer_2": offline_clip_tokenizer("!"),
-            "text_encoder_3": t5_encoder(
-                4096, 10240, layers=24, heads=64, d_kv=64, vocab_size=32128
-            ),
+            "text_encoder_3": t5_xxl(),
             "tokenizer_3": offline_t5_tokenizer(),
             "scheduler": sd3_scheduler(),
         }

@@ -49,6 +49,7 @@ class SDXLFamily(Family):
     default_resolution = 1024
     kohya_prefixes = {"unet": "lora_unet", "text_encoder": "lora_te1", "text_encoder_2": "lora_te2"}
     modelspec_architecture = "stable-diffusion-xl-v1-base"
+    kohya_base_version = "sdxl_base_v1-0"
 
     def pipeline_extras(self) -> dict:
         return {"add_watermarker": False}  # training samples should show the model, unaltered

@@ -17,7 +17,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from tuner.errors import TunerError
-from tuner.evaluate import GROUPS, METRICS, Sample, find_target, plan_samples, score, with_affix
+from tuner.evaluate import GROUPS, METRICS, Sample, find_target, plan_samples, score
 from tuner.sample import SCHEDULER_NAMES
 from tuner.toy import world
 
@@ -97,15 +97,15 @@ def run_eval(output_dir: Path, options: EvalOptions) -> dict:
     recipe, adapter = load_run(output_dir)
     family = check_judgeable(recipe, options.force)
     judge = open_judge(options.judge)
-    sources = training_sources(recipe)
-    target = find_target(recipe, [(entry, captions) for entry, captions, _ in sources])
+    items = training_items(recipe)
+    target = find_target(recipe, items)
     samples = plan_samples(target, options.n, options.seeds)
     settings = render_samples(samples, recipe, family, adapter, options)
     for sample, labels in zip(samples, judge.predict([s.image for s in samples]), strict=True):
         sample.labels = labels
     report = score(samples, target)
     if options.clip or options.dino:
-        report.update(embed(samples, sources, options))
+        report.update(embed(samples, items, options))
     report["details"]["settings"] = {
         **settings,
         "adapter": str(adapter),
@@ -164,31 +164,14 @@ def open_judge(path: str | None):
         raise TunerError(f"judge: {exc}") from None
 
 
-def training_sources(recipe) -> list[tuple]:
-    """(dataset entry, or None for the DreamBooth instance folder; its captions as trained;
-    its records) for every training source."""
-    from tuner.data.sources import list_records
+def training_items(recipe) -> list:
+    """The run's distinct training images with their captions as trained, read by the same
+    data pipeline that trained them (repeats collapsed)."""
+    from tuner.data.dataset import collect_items
+    from tuner.dreambooth import instance_sources
 
-    sources = []
-    for i, entry in enumerate(recipe.data.datasets):
-        records = list_records(
-            entry.path,
-            source=i,
-            caption_ext=entry.caption_ext,
-            caption_column=entry.caption_column,
-            image_column=entry.image_column,
-            split=entry.split,
-        )
-        affix = (entry.prefix, entry.suffix)
-        captions = [with_affix(r.caption or entry.default_caption, affix) for r in records]
-        sources.append((entry, captions, records))
-    db = recipe.dreambooth
-    if db is not None:
-        if not Path(db.instance_dir).expanduser().is_dir():
-            raise TunerError(f"dreambooth.instance_dir: {db.instance_dir} not found")
-        records = list_records(str(Path(db.instance_dir).expanduser()), source=len(sources))
-        sources.append((None, [r.caption or db.instance_prompt for r in records], records))
-    return sources
+    items, _ = collect_items(recipe.data, instance_sources(recipe))
+    return list({item.record.key: item for item in items}.values())
 
 
 def render_samples(samples: list[Sample], recipe, family, adapter: Path, options) -> dict:
@@ -235,7 +218,7 @@ def render_samples(samples: list[Sample], recipe, family, adapter: Path, options
     return settings
 
 
-def embed(samples: list[Sample], sources: list[tuple], options) -> dict:
+def embed(samples: list[Sample], items: list, options) -> dict:
     """CLIP/DINO over the adapter's samples of the trained groups (all groups if none)."""
     from tuner.data.images import BadImage, load_image
     from tuner.evaluate_embed import embed_scores
@@ -243,9 +226,9 @@ def embed(samples: list[Sample], sources: list[tuple], options) -> dict:
     adapted = [s for s in samples if s.adapter]
     trained = [s for s in adapted if s.group in ("style", "subject")] or adapted
     references = []
-    for record in [r for _, _, records in sources for r in records][:MAX_REFERENCES]:
+    for item in items[:MAX_REFERENCES]:
         try:
-            references.append(load_image(record.image))
+            references.append(load_image(item.record.image))
         except BadImage as exc:  # training skipped it too
             log.warning("CLIP-I/DINO: skipping %s", exc)
     return embed_scores(
