@@ -177,4 +177,4 @@ def test_builtin_toy_without_weights_says_how_to_make_them(tmp_path, capsys, raw
 
     monkeypatch.setattr(toy_base, "TOY_WEIGHTS", tmp_path / "no-weights")
     code, line = run_cli(tmp_path, capsys, raw, "model.path=builtin:toy")
-    assert code == 2 and "python -m tuner.toy.base train" in line
+    assert code == 2 and "tuner toy train-base" in line

@@ -1,4 +1,4 @@
-"""Subcommands beyond train/check (sample, grid, export, merge, eval) register here."""
+"""Subcommands beyond train/check (sample, grid, export, merge, eval, bench, toy) register here."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ def register(sub) -> None:
         "tuner.tools.export_cmd",
         "tuner.tools.eval_cmd",
         "tuner.tools.bench_cmd",
+        "tuner.tools.toy_cmd",
     ):
         try:
             module = importlib.import_module(name)

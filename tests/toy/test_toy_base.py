@@ -35,4 +35,5 @@ def test_training_captions_mix_full_partial_and_empty():
         "a red circle on a blue background",
         "a circle on a blue background",
         "a red circle",
+        "a circle",
     }

@@ -31,7 +31,8 @@ def to_unit_range(x: torch.Tensor) -> torch.Tensor:
 
 def training_caption(spec: world.Spec, rng: np.random.Generator) -> str:
     """Full caption mostly; 10% empty (for CFG), 10% without colour, 10% without background,
-    so that class prompts like "a circle on a blue background" mean something."""
+    5% the shape alone, so that class prompts like "a circle" or "a circle on a blue
+    background" mean something."""
     u = rng.random()
     if u < 0.1:
         return ""
@@ -39,6 +40,8 @@ def training_caption(spec: world.Spec, rng: np.random.Generator) -> str:
         return world.caption(spec, with_color=False)
     if u < 0.3:
         return world.caption(spec, with_background=False)
+    if u < 0.35:
+        return world.caption(spec, with_color=False, with_background=False)
     return world.caption(spec)
 
 

@@ -20,7 +20,9 @@ from transformers import CLIPTokenizer
 from tuner.toy import world
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
-MAX_LENGTH = 77
+# Captions are a dozen words; 32 positions leave room for spelled-out new words and cost
+# less than CLIP's 77 in every text-encoder and cross-attention call.
+MAX_LENGTH = 32
 
 
 def bytes_to_unicode() -> list[str]:
