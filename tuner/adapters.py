@@ -96,12 +96,15 @@ def adapter_state(
     """Per component, its LoRA weights in the naming the family's loader reads: "diffusers"
     (UNet-era `lora.down`/`lora.up`) or "peft" (`lora_A`/`lora_B`, what diffusers' transformer
     loaders expect throughout)."""
+    states = {name: get_peft_model_state_dict(module) for name, module in trained.items()}
     if naming == "peft":
-        return {name: get_peft_model_state_dict(module) for name, module in trained.items()}
-    return {
-        name: convert_state_dict_to_diffusers(get_peft_model_state_dict(module))
-        for name, module in trained.items()
-    }
+        return states
+    converted = {name: convert_state_dict_to_diffusers(sd) for name, sd in states.items()}
+    if any(".lora_A." in key for sd in converted.values() for key in sd):
+        # The UNet-era names cover attention layers only (conv LoRA stays lora_A), and
+        # diffusers' loader reads one naming per file: mixed, it drops the other half.
+        return states
+    return converted
 
 
 def adapter_metadata(trained: dict[str, torch.nn.Module]) -> dict[str, dict]:
