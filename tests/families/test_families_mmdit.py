@@ -26,15 +26,6 @@ FAST = ("data.resolution=32", "train.max_sequence_length=16", "train.steps=3", "
 PROMPT = "a red circle on a blue background"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # One thread: the CPU is shared, and fixed reduction order makes renders compare exactly.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def load(name: str, **model):
     spec = ModelSection(path=f"builtin:{name}", **model)
     family = families.for_model(spec)

@@ -22,14 +22,6 @@ bnb = pytest.importorskip("bitsandbytes")
 FAST = ("data.resolution=32", "train.max_sequence_length=16", "train.steps=3", "train.lr=1e-2")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def load(name: str, dtype=torch.float32, **model):
     spec = ModelSection(path=f"builtin:{name}", **model)
     family = families.for_model(spec)

@@ -29,16 +29,6 @@ QUICKSTART = REPO / "recipes" / "quickstart-sdxl.yaml"
 PROMPT = "a white star on a black background, zebrastyle"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    # The CPU is shared, and tiny models gain nothing from threads. One thread count for every
-    # render also keeps float reductions in one order, so images compare exactly.
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def fresh_pipeline() -> StableDiffusionXLPipeline:
     pipe = StableDiffusionXLPipeline(**build_tiny_sdxl(), add_watermarker=False)
     pipe.set_progress_bar_config(disable=True)

@@ -38,7 +38,6 @@ def eval_report(output: Path) -> dict:
 
 
 def test_base_model_draws_what_base_prompts_ask_for():
-    from tuner.families.builtin import BUILTINS  # noqa: F401  (registers builtin:toy)
     from tuner.toy.base import load_toy_modules, make_pipeline, sample_images
     from tuner.toy.judge import load_judge, spec_labels
 
