@@ -20,7 +20,7 @@ def style_dir(tmp_path: Path) -> Path:
     """Four images + captions copied from the shipped toy style set."""
     folder = tmp_path / "style"
     folder.mkdir()
-    for png in sorted((REPO / "datasets" / "toy-style").glob("*.png"))[:4]:
+    for png in sorted((REPO / "datasets" / "toy-stripes").glob("*.png"))[:4]:
         shutil.copy(png, folder / png.name)
         shutil.copy(png.with_suffix(".txt"), folder / png.with_suffix(".txt").name)
     return folder

@@ -14,7 +14,7 @@ from tuner.recipe import apply_overrides, load_recipe
 REPO = Path(__file__).resolve().parents[1]
 MINIMAL = {
     "model": {"path": "builtin:tiny-sd15"},
-    "data": {"datasets": [{"path": "datasets/toy-style"}], "resolution": 64},
+    "data": {"datasets": [{"path": "datasets/toy-stripes"}], "resolution": 64},
     "train": {"steps": 2},
     "output": {"dir": "outputs/x"},
 }

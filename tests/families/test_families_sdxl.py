@@ -64,7 +64,7 @@ def trained(tmp_path_factory):
             "train.lr=1e-2",
             "adapter.text_encoder=true",
             "adapter.alpha=2",
-            f"data.datasets.0.path={REPO / 'datasets' / 'toy-style'}",
+            f"data.datasets.0.path={REPO / 'datasets' / 'toy-stripes'}",
         ],
     )
     result = run_training(recipe)

@@ -24,7 +24,7 @@ from tuner.recipe import validate_recipe
 from tuner.toy import world
 
 REPO = Path(__file__).resolve().parents[2]
-STYLE_SET = REPO / "datasets" / "toy-style"
+STYLE_SET = REPO / "datasets" / "toy-stripes"
 SUBJECT_SET = REPO / "datasets" / "toy-subject"
 FAST = ["--n", "2", "--steps", "1"]
 

@@ -23,7 +23,7 @@ from tuner.tools.pipelines import (
 )
 
 MODEL = "builtin:tiny-sd15"
-DATASET = Path(__file__).resolve().parents[2] / "datasets" / "toy-style"
+DATASET = Path(__file__).resolve().parents[2] / "datasets" / "toy-stripes"
 RENDER = {
     "steps": 2,
     "guidance": 7.5,

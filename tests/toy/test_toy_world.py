@@ -112,9 +112,11 @@ def test_dataset_rendering_is_deterministic(tmp_path):
     datasets.render_datasets(tmp_path / "b")
     a, b = _read_tree(tmp_path / "a"), _read_tree(tmp_path / "b")
     assert a == b
-    assert sum(name.startswith("toy-style/") and name.endswith(".png") for name in a) == 16
+    assert sum(name.startswith("toy-stripes/") and name.endswith(".png") for name in a) == 16
+    assert sum(name.startswith("toy-outline/") and name.endswith(".png") for name in a) == 16
     assert sum(name.startswith("toy-subject/") and name.endswith(".txt") for name in a) == 8
-    assert b"zebrastyle" in a["toy-style/000.txt"]
+    assert b"zebrastyle" in a["toy-stripes/000.txt"]
+    assert b"hollowstyle" in a["toy-outline/000.txt"]
     assert a["toy-subject/000.txt"].startswith(b"a sks circle")
 
 
@@ -123,7 +125,7 @@ def test_committed_datasets_match_the_generator(tmp_path):
 
     repo_datasets = Path(__file__).resolve().parents[2] / "datasets"
     datasets.render_datasets(tmp_path)
-    for name in (datasets.STYLE_DATASET, datasets.SUBJECT_DATASET):
+    for name in (datasets.OUTLINE_DATASET, datasets.STRIPES_DATASET, datasets.SUBJECT_DATASET):
         assert _read_tree(repo_datasets / name) == _read_tree(tmp_path / name), (
             f"datasets/{name} is stale: run python -m tuner.toy.world render-datasets datasets/"
         )

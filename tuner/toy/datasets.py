@@ -2,8 +2,9 @@
 
     python -m tuner.toy.world render-datasets datasets/
 
-writes datasets/toy-style (a held-out style, for style LoRAs) and datasets/toy-subject (a
-held-out subject, for DreamBooth), each with a README, byte-identically on every run.
+writes datasets/toy-outline and datasets/toy-stripes (held-out styles, for style LoRAs) and
+datasets/toy-subject (a held-out subject, for DreamBooth), each with a README, byte-identically on
+every run.
 """
 
 from __future__ import annotations
@@ -12,13 +13,19 @@ import os
 
 from tuner.toy import world
 
-STYLE_DATASET = "toy-style"
+OUTLINE_DATASET = "toy-outline"  # the style quickstart's set
+STRIPES_DATASET = "toy-stripes"
 SUBJECT_DATASET = "toy-subject"
 _DATASETS = {
     # name: (seed, count, constraints, what it shows)
-    STYLE_DATASET: (1001, 16, {"style": "stripes"},
-                    "base-world shapes drawn in the held-out `stripes` style, captioned with "
-                    f"the trigger word `{world.STYLE_TRIGGERS['stripes']}`"),
+    OUTLINE_DATASET: (1001, 16, {"style": "outline"},
+                      "base-world shapes drawn in the held-out `outline` style (a 3 px outline "
+                      "in the shape colour, the inside left as background), captioned with the "
+                      f"trigger word `{world.STYLE_TRIGGERS['outline']}`"),
+    STRIPES_DATASET: (1001, 16, {"style": "stripes"},
+                      "base-world shapes drawn in the held-out `stripes` style (45-degree "
+                      "stripes, 8 px period), captioned with the trigger word "
+                      f"`{world.STYLE_TRIGGERS['stripes']}`"),
     SUBJECT_DATASET: (2002, 8, {"subject": "smiley"},
                       "one subject, the `smiley` (a yellow circle with a black face), "
                       "captioned with the rare token `sks` and its class noun `circle`"),
