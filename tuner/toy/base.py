@@ -162,7 +162,9 @@ def load_toy_modules() -> dict:
 def sample_images(pipe, prompts, seed=0, steps=25, guidance=4.0):
     """64x64 samples with a DDIM copy of the scheduler (DDPM needs ~1000 steps)."""
     ddim = DDIMScheduler.from_config(pipe.scheduler.config)
-    runner = StableDiffusionPipeline(**{**pipe.components, "scheduler": ddim})
+    runner = StableDiffusionPipeline(
+        **{**pipe.components, "scheduler": ddim}, requires_safety_checker=False
+    )
     runner.set_progress_bar_config(disable=True)
     device = pipe.unet.device
     gen = torch.Generator(device).manual_seed(seed)
