@@ -37,17 +37,22 @@ def eval_report(output: Path) -> dict:
     return json.loads((output / "eval" / "eval.json").read_text())
 
 
-def test_base_model_draws_what_base_prompts_ask_for():
-    from tuner.toy.base import load_toy_modules, make_pipeline, sample_images
+@pytest.fixture(scope="module")
+def base_pipe():
+    from tuner.toy.base import load_toy_modules, make_pipeline
+
+    return make_pipeline(**load_toy_modules())
+
+
+def test_base_model_draws_what_base_prompts_ask_for(base_pipe):
+    from tuner.toy.base import sample_images
     from tuner.toy.judge import load_judge, spec_labels
 
-    modules = load_toy_modules()
-    pipe = make_pipeline(**modules)
     rng = np.random.default_rng([32, 99])
     specs = [world.sample_spec(rng) for _ in range(32)]
     images = []
     for seed, spec in enumerate(specs):  # 32 seeds, one prompt each
-        images += sample_images(pipe, [world.caption(spec)], seed=seed, steps=25)
+        images += sample_images(base_pipe, [world.caption(spec)], seed=seed, steps=25)
     judged = load_judge().predict(images)
     rates = {
         head: float(np.mean([j[head] == spec_labels(s)[head] for j, s in zip(judged, specs)]))
@@ -57,16 +62,17 @@ def test_base_model_draws_what_base_prompts_ask_for():
     assert all(rate >= 0.8 for rate in rates.values()), rates
 
 
-def test_base_model_draws_a_red_circle_on_blue():
+def test_base_model_draws_a_red_circle_on_blue(base_pipe):
     """The issue's own example prompt, at 8 seeds: the judge reads what it asks for (measured 8 of
     8; one miss is allowed for other CPUs' rounding)."""
-    from tuner.toy.base import load_toy_modules, make_pipeline, sample_images
+    from tuner.toy.base import sample_images
     from tuner.toy.judge import load_judge
 
-    pipe = make_pipeline(**load_toy_modules())
     images = []
     for seed in range(8):
-        images += sample_images(pipe, ["a red circle on a blue background"], seed=seed, steps=25)
+        images += sample_images(
+            base_pipe, ["a red circle on a blue background"], seed=seed, steps=25
+        )
     judged = [(j["shape"], j["color"], j["background"]) for j in load_judge().predict(images)]
     print("gate red circle on blue:", judged)
     assert judged.count(("circle", "red", "blue")) >= 7, judged

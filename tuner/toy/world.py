@@ -19,8 +19,9 @@ Held out from the base world, so adapters have something new to learn:
   "robot" is a blue square head with white eyes, mouth and an antenna ("an ohwx square ...").
   A subject's colour is fixed (part of its identity), so its caption names no colour.
 
-CLI: `python -m tuner.toy.world render-datasets datasets/` writes datasets/toy-stripes and
-datasets/toy-subject deterministically (see tuner.toy.datasets).
+CLI: `python -m tuner.toy.world render-datasets datasets/` writes the style sets
+datasets/toy-outline and datasets/toy-stripes and the subject set datasets/toy-subject,
+deterministically (see tuner.toy.datasets).
 """
 
 from __future__ import annotations
@@ -282,7 +283,9 @@ def main(argv: list[str] | None = None) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("render-datasets", help="write datasets/toy-stripes and toy-subject")
+    p = sub.add_parser(
+        "render-datasets", help="write datasets/toy-outline, toy-stripes and toy-subject"
+    )
     p.add_argument("root", help="folder that receives the dataset folders, e.g. datasets/")
     p = sub.add_parser("preview", help="write a grid of random world images")
     p.add_argument("--out", required=True)
