@@ -125,10 +125,10 @@ def test_empty_captions_warn_and_still_train(tmp_path, capsys, raw, style_dir, c
 def test_non_finite_steps_are_skipped_then_stop_keeping_the_checkpoint(
     tmp_path, style_dir, monkeypatch
 ):
-    from tuner import loop
-    from tuner import train as train_module
     from tuner.errors import TunerError
     from tuner.recipe import validate_recipe
+    from tuner.training import loop
+    from tuner.training import run as train_module
 
     real = loop.compute_loss
     calls = []

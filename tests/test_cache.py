@@ -8,7 +8,7 @@ import logging
 
 from PIL import Image
 
-from tuner.train import run_training
+from tuner.training.run import run_training
 
 
 def cache_files(root) -> dict[str, str]:
@@ -81,7 +81,7 @@ def test_mixed_aspect_set_with_corrupt_file_trains(make_recipe, tmp_path, caplog
         (folder / f"{i}.txt").write_text(f"a {colors[i % 3]} image")
     (folder / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
     seen_shapes = []
-    from tuner import loop
+    from tuner.training import loop
 
     real = loop.compute_loss
 

@@ -11,9 +11,9 @@ import yaml
 from safetensors.torch import load_file
 
 from tuner import load_pipeline
-from tuner.adapters import WEIGHT_NAME
+from tuner.adapters.lora import WEIGHT_NAME
 from tuner.cli import main
-from tuner.train import run_training
+from tuner.training.run import run_training
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -57,7 +57,7 @@ def recipe_of(raw: dict, *overrides: str):
 def test_prior_loss_is_instance_plus_weighted_class(db_raw):
     from accelerate import Accelerator
 
-    from tuner.loop import compute_loss
+    from tuner.training.loop import compute_loss
 
     recipe = recipe_of(db_raw, "dreambooth.prior_loss_weight=0.7", "train.steps=1")
     result = run_training(recipe)
@@ -89,8 +89,10 @@ def test_prior_loss_is_instance_plus_weighted_class(db_raw):
 
 
 def test_class_generation_makes_the_missing_count_and_resumes(db_raw, tmp_path, monkeypatch):
-    from tuner import dreambooth, families, sample
+    from tuner import families
+    from tuner.inference import render as sample
     from tuner.recipe import ModelSection
+    from tuner.training import dreambooth
 
     recipe = recipe_of(db_raw, "dreambooth.num_class_images=5")
     family = families.for_model(ModelSection(path="builtin:tiny-sd15"))

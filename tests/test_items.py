@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tuner.data.dataset import collect_items
+from tuner.data.items import collect_items
 from tuner.recipe import DataSection
 
 

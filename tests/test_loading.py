@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import torch
+from ldm_export import save_sd15_single_file
 
 from tuner import families, load_pipeline
-from tuner.families.ldm_export import save_sd15_single_file
 from tuner.recipe import ModelSection
 
 
@@ -28,8 +28,8 @@ def test_local_folder_and_single_file_load_the_same_weights(tmp_path):
     base.save_pretrained(folder)
     single = save_sd15_single_file(base, tmp_path / "tiny-sd15.safetensors")
 
-    assert families.for_model(ModelSection(path=str(folder))).name == "sd15"
-    assert families.for_model(ModelSection(path=str(single))).name == "sd15"
+    assert families.for_model(ModelSection(path=str(folder))).spec.name == "sd15"
+    assert families.for_model(ModelSection(path=str(single))).spec.name == "sd15"
     expected = weights(base)
     from_folder = weights(load_pipeline(str(folder)))
     family = families.for_model(ModelSection(path=str(single)))
@@ -42,11 +42,11 @@ def test_local_folder_and_single_file_load_the_same_weights(tmp_path):
 
 def test_folder_family_detection_tells_sd2_from_sd15(tmp_path):
     load_pipeline("builtin:tiny-sd2").save_pretrained(tmp_path / "sd2")
-    assert families.for_model(ModelSection(path=str(tmp_path / "sd2"))).name == "sd2"
+    assert families.for_model(ModelSection(path=str(tmp_path / "sd2"))).spec.name == "sd2"
 
 
 def test_training_from_a_local_folder(make_recipe, tmp_path):
-    from tuner.train import run_training
+    from tuner.training.run import run_training
 
     load_pipeline("builtin:tiny-sd15").save_pretrained(tmp_path / "base")
     result = run_training(make_recipe(f"model.path={tmp_path / 'base'}", "train.steps=1"))

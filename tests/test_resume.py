@@ -15,9 +15,9 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from tuner import checkpoint
-from tuner.adapters import WEIGHT_NAME
+from tuner.adapters.lora import WEIGHT_NAME
 from tuner.errors import TunerError
+from tuner.training import checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -222,7 +222,7 @@ def test_resume_restores_8bit_optimizer_state(tmp_path, style_dir):
     import shutil
 
     from tuner.recipe import load_recipe
-    from tuner.train import run_training
+    from tuner.training.run import run_training
 
     settings = ["train.optimizer=adamw8bit", "adapter.rank=64", "adapter.dropout=0.0"]
     full = load_recipe(recipe_file(tmp_path, style_dir, "full8", steps=4), settings)

@@ -7,9 +7,9 @@ from diffusers import StableDiffusionPipeline
 from safetensors.torch import load_file
 
 from tuner import load_pipeline
-from tuner.adapters import WEIGHT_NAME
-from tuner.sample import lora_scale
-from tuner.train import run_training
+from tuner.adapters.lora import WEIGHT_NAME
+from tuner.inference.render import lora_scale
+from tuner.training.run import run_training
 
 
 def base_state(pipe) -> dict[str, dict[str, torch.Tensor]]:
@@ -75,8 +75,8 @@ def test_loss_falls_when_memorizing_two_images(make_recipe, style_dir):
         make_recipe("train.steps=50", "train.batch_size=2", "train.lr=1e-2", "adapter.rank=8")
     )
     fam, comps = result.family, result.comps
-    from tuner.data.dataset import pixels_of
     from tuner.data.images import load_image
+    from tuner.data.items import pixels_of
 
     pngs = sorted(style_dir.glob("*.png"))
     pixels = torch.stack([pixels_of(load_image(str(p))) for p in pngs])
@@ -128,9 +128,9 @@ def test_v_prediction_family_reads_scheduler_and_matches_get_velocity():
     family = families.for_model(ModelSection(path="builtin:tiny-sd2"))
     comps = family.load(ModelSection(path="builtin:tiny-sd2"), torch.float32)
     objective = family.objective(comps, type("T", (), {"noise_offset": 0.0, "min_snr_gamma": None}))
-    assert family.name == "sd2" and objective.prediction_type == "v_prediction"
+    assert family.spec.name == "sd2" and objective.prediction_type == "v_prediction"
     latents = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(1))
-    from tuner.objectives import streams
+    from tuner.objectives.common import streams
 
     inputs = objective.sample(latents, torch.Generator().manual_seed(5))
     noise_gen, time_gen, _ = streams(torch.Generator().manual_seed(5), 3)
@@ -145,7 +145,7 @@ def test_min_snr_weight_matches_formula():
     from diffusers import DDPMScheduler
     from diffusers.training_utils import compute_snr
 
-    from tuner.objectives import DDPMObjective
+    from tuner.objectives.ddpm import DDPMObjective
 
     scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
     timesteps = torch.tensor([1, 100, 500, 999])

@@ -11,7 +11,7 @@ from tuner.recipe import load_recipe
 
 def train(recipe):
     """Train a recipe (a Recipe, or a path to a YAML file); returns the output directory."""
-    from tuner.train import train as _train
+    from tuner.training.run import train as _train
 
     if not hasattr(recipe, "train"):
         recipe = load_recipe(recipe)

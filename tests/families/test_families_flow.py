@@ -13,9 +13,9 @@ from diffusers.training_utils import (
     compute_loss_weighting_for_sd3,
 )
 
-from tuner.families.flux import flux_scheduler
-from tuner.families.sd3 import sd3_scheduler
-from tuner.flow import FlowMatchObjective, build_flow_objective
+from tuner.builtins.flux import flux_scheduler
+from tuner.builtins.sd3 import sd3_scheduler
+from tuner.objectives.flow import FlowMatchObjective, build_flow_objective
 from tuner.recipe import TrainSection
 
 U = torch.tensor([0.03, 0.25, 0.5, 0.8, 0.97])
@@ -143,25 +143,25 @@ def test_sample_is_reproducible_from_the_generator():
 
 
 def test_recipe_defaults_per_family_scheduler():
-    train = TrainSection(steps=1)
+    flow = TrainSection(steps=1).flow
     sd3 = build_flow_objective(
-        sd3_scheduler(), train, default_shift=3.0, default_resolution_shift=False
+        sd3_scheduler(), flow, default_shift=3.0, default_resolution_shift=False
     )
     assert (sd3.shift, sd3.resolution_shift) == (3.0, False)
     dev = build_flow_objective(
-        flux_scheduler("dev"), train, default_shift=3.0, default_resolution_shift=True
+        flux_scheduler("dev"), flow, default_shift=3.0, default_resolution_shift=True
     )
     assert dev.resolution_shift
     fixed = build_flow_objective(
         flux_scheduler("dev"),
-        TrainSection(steps=1, shift=2.0),
+        TrainSection(steps=1, flow={"shift": 2.0}).flow,
         default_shift=3.0,
         default_resolution_shift=True,
     )
     assert (fixed.shift, fixed.resolution_shift) == (2.0, False)
     forced = build_flow_objective(
         sd3_scheduler(),
-        TrainSection(steps=1, resolution_shift=True),
+        TrainSection(steps=1, flow={"resolution_shift": True}).flow,
         default_shift=3.0,
         default_resolution_shift=False,
     )

@@ -12,13 +12,15 @@ import torch
 import yaml
 from diffusers import FluxPipeline, FluxTransformer2DModel, SD3Transformer2DModel
 
-from tuner import adapters, export, families
+from tuner import families
+from tuner.adapters import formats, lora
+from tuner.builtins.flux import flux_transformer_config
+from tuner.builtins.sd3 import sd35_large_transformer_config
 from tuner.errors import TunerError
-from tuner.families.flux import flux_transformer_config
-from tuner.families.sd3 import sd35_large_transformer_config
+from tuner.families import mmdit
+from tuner.inference.render import lora_scale, pipeline_modules
 from tuner.recipe import AdapterSection, ModelSection, load_recipe
-from tuner.sample import lora_scale, pipeline_modules
-from tuner.train import run_training
+from tuner.training.run import run_training
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = ["tiny-flux", "tiny-sd3"]
@@ -64,10 +66,10 @@ def capture_denoiser_call(pipe, **kwargs) -> dict:
 def test_flux_predict_is_the_pipelines_transformer_call():
     """Packing, image/text ids, guidance and the timestep/1000 convention all as FluxPipeline."""
     family, comps = load("tiny-flux")
-    comps.extra.update(max_sequence_length=16, guidance=2.5)
+    comps.sequence_length, comps.guidance = 16, 2.5
     seen = capture_denoiser_call(family.build_pipeline(comps), guidance_scale=2.5)
     call = seen["kwargs"]
-    side = 32 // family.vae_scale(comps)
+    side = 32 // mmdit.vae_scale(comps)
     noisy = FluxPipeline._unpack_latents(call["hidden_states"], side, side, 1)
     cond = family.encode_prompts(comps, [PROMPT])
     torch.testing.assert_close(cond["prompt_embeds"], call["encoder_hidden_states"])
@@ -78,7 +80,7 @@ def test_flux_predict_is_the_pipelines_transformer_call():
 
 def test_sd3_predict_is_the_pipelines_transformer_call():
     family, comps = load("tiny-sd3")
-    comps.extra["max_sequence_length"] = 16
+    comps.sequence_length = 16
     seen = capture_denoiser_call(family.build_pipeline(comps), guidance_scale=1.0)
     call = seen["kwargs"]
     cond = family.encode_prompts(comps, [PROMPT])
@@ -94,7 +96,7 @@ def test_sd3_without_t5_encodes_zeros_in_its_place():
     _, dropped = load("tiny-sd3", drop_t5=True)
     assert "text_encoder_3" not in dropped.text_encoders
     for comps in (full, dropped):
-        comps.extra["max_sequence_length"] = 16
+        comps.sequence_length = 16
     with_t5 = family.encode_prompts(full, [PROMPT])["prompt_embeds"]
     without = family.encode_prompts(dropped, [PROMPT])["prompt_embeds"]
     assert with_t5.shape == without.shape
@@ -119,7 +121,7 @@ def test_trains_only_lora_and_round_trips_through_diffusers(name, make_recipe, t
     in_memory = result.family.build_pipeline(result.comps)
     family, fresh = load(name)
     loaded = family.build_pipeline(fresh)
-    loaded.load_lora_weights(str(result.output_dir / adapters.WEIGHT_NAME))
+    loaded.load_lora_weights(str(result.output_dir / lora.WEIGHT_NAME))
     after_load = render(loaded, guidance_scale=1.0)
     torch.testing.assert_close(render(in_memory, guidance_scale=1.0), after_load)
     with lora_scale(pipeline_modules(loaded), 0.0):
@@ -136,8 +138,8 @@ def test_flux_comfy_export_loads_like_the_diffusers_file(make_recipe):
     result = run_training(
         make_recipe(*FAST, "adapter.rank=4", "adapter.alpha=2", base="builtin:tiny-flux")
     )
-    state, metadata = export.read_adapter(result.output_dir / adapters.WEIGHT_NAME)
-    kohya = export.to_kohya(state, metadata, result.family.kohya_prefixes)
+    state, metadata = formats.read_adapter(result.output_dir / lora.WEIGHT_NAME)
+    kohya = formats.to_kohya(state, metadata, result.family.spec.export.kohya_prefixes)
     assert all(
         k.startswith("lora_transformer_transformer_blocks_")
         or k.startswith("lora_transformer_single_transformer_blocks_")
@@ -146,7 +148,7 @@ def test_flux_comfy_export_loads_like_the_diffusers_file(make_recipe):
     assert {float(v) for k, v in kohya.items() if k.endswith(".alpha")} == {2.0}
     pipes = []
     # The diffusers file carries alpha in its metadata; the kohya dict in its `.alpha` tensors.
-    for weights in (str(result.output_dir / adapters.WEIGHT_NAME), kohya):
+    for weights in (str(result.output_dir / lora.WEIGHT_NAME), kohya):
         family, comps = load("tiny-flux")
         pipes.append(family.build_pipeline(comps))
         pipes[-1].load_lora_weights(weights)
@@ -175,7 +177,7 @@ def test_dreambooth_with_prior_preservation(name, make_recipe, tmp_path):
     family, comps = load(name)
     pipe = family.build_pipeline(comps)
     base = render(pipe, guidance_scale=1.0)
-    pipe.load_lora_weights(str(result.output_dir / adapters.WEIGHT_NAME))
+    pipe.load_lora_weights(str(result.output_dir / lora.WEIGHT_NAME))
     assert (render(pipe, guidance_scale=1.0) - base).abs().max() > 1e-3
 
 
@@ -192,24 +194,24 @@ def test_quickstart_recipes_train(recipe, tmp_path, monkeypatch):
         ],
     )
     result = run_training(loaded)
-    assert (result.output_dir / adapters.WEIGHT_NAME).is_file()
-    assert (result.output_dir / adapters.KOHYA_WEIGHT_NAME).is_file()
+    assert (result.output_dir / lora.WEIGHT_NAME).is_file()
+    assert (result.output_dir / lora.KOHYA_WEIGHT_NAME).is_file()
 
 
 @pytest.mark.parametrize("name", TINY)
 def test_lora_targets_default_feed_forward_and_block_choice(name):
     family, comps = load(name)
     names = [n for n, _ in comps.denoiser.named_modules()]
-    assert adapters.denoiser_targets(AdapterSection(), family, comps.denoiser) == list(
-        family.default_targets
+    assert lora.denoiser_targets(AdapterSection(), family, comps.denoiser) == list(
+        family.spec.default_targets
     )
     for target in ("add_q_proj", "to_add_out", "ff.net.2", "ff_context.net.0.proj"):
         assert any(n.endswith("." + target) for n in names), target
     # The recipes' block-choice example: the joint attention of double/joint block 0 only.
     regex = r"transformer_blocks\.0\.attn\.(to_q|to_k|to_v|to_out\.0|add_[qkv]_proj|to_add_out)"
     adapter = AdapterSection(rank=2, target_regex=regex)
-    targets = adapters.denoiser_targets(adapter, family, comps.denoiser)
-    comps.denoiser.add_adapter(adapters.lora_config(adapter, targets))
+    targets = lora.denoiser_targets(adapter, family, comps.denoiser)
+    comps.denoiser.add_adapter(lora.lora_config(adapter, targets))
     wrapped = {
         n.rsplit(".lora_A", 1)[0]
         for n, _ in comps.denoiser.named_modules()
@@ -231,18 +233,19 @@ def test_configure_rejects_what_flow_families_cannot_do(override, message, make_
     recipe = make_recipe(*FAST, override, base="builtin:tiny-flux")
     family, comps = load("tiny-flux")
     with pytest.raises(TunerError, match=message):
-        family.configure(comps, recipe)
+        family.validate(recipe)  # the checks that need no weights
+        family.configure(comps, recipe)  # those that read the loaded model (VAE scale)
 
 
 def test_sequence_length_is_part_of_the_cache_identity(make_recipe):
     family, comps = load("tiny-flux")
-    family.configure(comps, make_recipe(*FAST, base="builtin:tiny-flux"))
+    comps = family.configure(comps, make_recipe(*FAST, base="builtin:tiny-flux"))
     _, other = load("tiny-flux")
-    family.configure(
+    other = family.configure(
         other, make_recipe(*FAST, "train.max_sequence_length=32", base="builtin:tiny-flux")
     )
     assert comps.identity != other.identity
-    assert comps.extra["max_sequence_length"] == 16
+    assert comps.sequence_length == 16
     assert family.encode_prompts(other, [PROMPT])["prompt_embeds"].shape[1] == 32
 
 
@@ -283,10 +286,10 @@ def test_recipe_target_examples_name_real_modules(recipe, builder):
     family = families.get("flux" if recipe.startswith("flux") else "sd3")
     for example in examples:
         adapter = AdapterSection(rank=4, **example)
-        targets = adapters.denoiser_targets(adapter, family, model)  # raises if one misses
+        targets = lora.denoiser_targets(adapter, family, model)  # raises if one misses
         if adapter.target_regex:  # a block choice: some attention layers, not all of them
             chosen = [n for n in names if re.fullmatch(targets, n)]
-            every = [n for n in names if n.endswith(family.default_targets)]
+            every = [n for n in names if n.endswith(family.spec.default_targets)]
             assert 0 < len(chosen) < len(every)
 
 
@@ -297,7 +300,7 @@ def test_loads_from_a_diffusers_folder(name, tmp_path):
     family.build_pipeline(comps).save_pretrained(tmp_path / "model")  # with T5
     comps = load(name, drop_t5=drop_t5)[1]
     spec = ModelSection(path=str(tmp_path / "model"), drop_t5=drop_t5)
-    assert families.for_model(spec).name == family.name  # detected from model_index.json
+    assert families.for_model(spec).spec.name == family.spec.name  # detected from model_index.json
     loaded = family.load(spec, torch.float32)
     if drop_t5:  # from_pretrained never loads the left-out T5
         assert set(loaded.text_encoders) == {"text_encoder", "text_encoder_2"}
@@ -311,8 +314,8 @@ def test_arch_builders_have_the_published_sizes():
     """builtin:arch-flux-dev / arch-sd35 (built on the meta device: no memory, no time) have the
     released models' parameter counts: FLUX.1-dev 11.9B, SD3.5 Large 8.1B, T5-XXL encoder 4.8B,
     CLIP-L 0.12B, OpenCLIP bigG text 0.69B."""
-    from tuner.families.flux import build_arch_flux
-    from tuner.families.sd3 import build_arch_sd35
+    from tuner.builtins.flux import build_arch_flux
+    from tuner.builtins.sd3 import build_arch_sd35
 
     with torch.device("meta"):
         flux, sd35 = build_arch_flux("dev"), build_arch_sd35()

@@ -12,11 +12,12 @@ import pytest
 import torch
 from peft.utils import get_peft_model_state_dict
 
-from tuner import adapters, families
+from tuner import families
+from tuner.adapters import lora
 from tuner.errors import TunerError
 from tuner.families import quantize
 from tuner.recipe import AdapterSection, ModelSection, TrainSection
-from tuner.train import run_training
+from tuner.training.run import run_training
 
 bnb = pytest.importorskip("bitsandbytes")
 FAST = ("data.resolution=32", "train.max_sequence_length=16", "train.steps=3", "train.lr=1e-2")
@@ -59,11 +60,11 @@ def loaded_lora(model) -> dict[str, torch.Tensor]:
 
 
 def train_a_few_steps(family, comps, trained, steps: int = 3) -> None:
-    comps.extra.update(max_sequence_length=16, guidance=1.0)
+    comps.sequence_length, comps.guidance = 16, 1.0
     with torch.no_grad():  # cached embeddings in a real run
         cond = family.encode_prompts(comps, ["a red circle", "a blue square"])
     objective = family.objective(comps, TrainSection(steps=steps))
-    params = adapters.trainable_parameters(trained[family.denoiser_name])
+    params = lora.trainable_parameters(trained[family.spec.denoiser])
     optimizer = torch.optim.AdamW(params, lr=1e-2)
     latents = torch.randn(2, 16, 16, 16, generator=torch.Generator().manual_seed(0))
     for step in range(steps):
@@ -78,30 +79,30 @@ def test_nf4_lora_has_the_keys_of_a_bf16_lora_and_loads_into_a_bf16_base(tmp_pat
     family, plain = load("tiny-flux", torch.bfloat16)
     plain_keys = {
         k: v.shape
-        for k, v in adapters.peft_state(
-            adapters.inject(plain, AdapterSection(rank=4), family)["transformer"]
+        for k, v in lora.peft_state(
+            lora.inject(plain, AdapterSection(rank=4), family)["transformer"]
         ).items()
     }
 
     family, comps = load("tiny-flux", torch.bfloat16)
     quantize_linears_nf4(comps.denoiser)
-    trained = adapters.inject(comps, AdapterSection(rank=4), family)
+    trained = lora.inject(comps, AdapterSection(rank=4), family)
     from peft.tuners.lora.bnb import Linear4bit as LoraLinear4bit  # exists when bnb does
 
     assert isinstance(comps.denoiser.transformer_blocks[0].attn.to_q, LoraLinear4bit)
-    trained_state = adapters.peft_state(trained["transformer"])
+    trained_state = lora.peft_state(trained["transformer"])
     assert {k: v.shape for k, v in trained_state.items()} == plain_keys
 
     train_a_few_steps(family, comps, trained)
     trained_state = {
-        k: v.detach().clone() for k, v in adapters.peft_state(trained["transformer"]).items()
+        k: v.detach().clone() for k, v in lora.peft_state(trained["transformer"]).items()
     }
     assert any(v.abs().sum() > 0 for k, v in trained_state.items() if "lora_B" in k)
-    adapters.save_adapter(tmp_path, family, trained)
+    lora.save_adapter(tmp_path, family, trained)
 
     family, bf16 = load("tiny-flux", torch.bfloat16)
     pipe = family.build_pipeline(bf16)
-    pipe.load_lora_weights(str(tmp_path / adapters.WEIGHT_NAME))
+    pipe.load_lora_weights(str(tmp_path / lora.WEIGHT_NAME))
     loaded = loaded_lora(pipe.transformer)
     assert loaded.keys() == trained_state.keys()
     for key, value in trained_state.items():  # fp32 LoRA, held in the base's bf16 once loaded
@@ -133,7 +134,7 @@ def test_quantized_load_parks_on_cpu_and_runs_on_gpu(kind):
     expected = "cpu" if kind == "nf4" else "cuda"
     assert next(comps.denoiser.parameters()).device.type == expected
     comps.denoiser.to("cuda")
-    comps.extra.update(max_sequence_length=16, guidance=1.0)
+    comps.sequence_length, comps.guidance = 16, 1.0
     for module in comps.text_encoders.values():
         module.to("cuda")
     cond = family.encode_prompts(comps, ["a red circle"])
@@ -158,7 +159,7 @@ def test_qlora_run_on_tiny_flux_loads_into_a_bf16_base(make_recipe):
     assert quantize.is_quantized(result.comps.denoiser)
     trained = {
         k: v.detach().float().cpu()
-        for k, v in adapters.peft_state(result.trained["transformer"]).items()
+        for k, v in lora.peft_state(result.trained["transformer"]).items()
     }
     assert any(v.abs().sum() > 0 for k, v in trained.items() if "lora_B" in k)
 
@@ -178,7 +179,7 @@ def test_qlora_run_on_tiny_flux_loads_into_a_bf16_base(make_recipe):
         ).images
 
     base = render()
-    pipe.load_lora_weights(str(result.output_dir / adapters.WEIGHT_NAME))
+    pipe.load_lora_weights(str(result.output_dir / lora.WEIGHT_NAME))
     loaded = loaded_lora(pipe.transformer)
     assert loaded.keys() == trained.keys()
     for key, value in trained.items():  # fp32 LoRA, held in the base's bf16 once loaded

@@ -16,13 +16,15 @@ from safetensors import safe_open
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from tuner import families
-from tuner.adapters import KOHYA_WEIGHT_NAME, WEIGHT_NAME
+from tuner.adapters.lora import KOHYA_WEIGHT_NAME, WEIGHT_NAME
+from tuner.builtins import sd as sd_builtins
+from tuner.builtins import sdxl as sdxl_builtins
+from tuner.builtins.sdxl import OPENCLIP_BIGG_TEXT, build_tiny_sdxl
 from tuner.errors import TunerError
-from tuner.families import arch
-from tuner.families.sdxl import SDXLFamily, build_tiny_sdxl
+from tuner.families.sdxl import SDXLFamily
+from tuner.inference.render import lora_scale, pipeline_modules
 from tuner.recipe import ModelSection, load_recipe, validate_recipe
-from tuner.sample import lora_scale, pipeline_modules
-from tuner.train import run_training
+from tuner.training.run import run_training
 
 REPO = Path(__file__).resolve().parents[2]
 QUICKSTART = REPO / "recipes" / "quickstart-sdxl.yaml"
@@ -332,11 +334,14 @@ def parameters_on_meta(build) -> int:
 @pytest.mark.parametrize(
     ("build", "published"),
     [
-        (lambda: UNet2DConditionModel(**arch.SD15_UNET), 859.52e6),
-        (lambda: UNet2DConditionModel(**arch.SDXL_UNET), 2567.46e6),
-        (lambda: AutoencoderKL(**arch.SDXL_VAE), 83.65e6),
-        (lambda: CLIPTextModel(CLIPTextConfig(**arch.CLIP_L_TEXT)), 123.06e6),
-        (lambda: CLIPTextModelWithProjection(CLIPTextConfig(**arch.OPENCLIP_BIGG_TEXT)), 694.66e6),
+        (lambda: UNet2DConditionModel(**sd_builtins.SD15_UNET), 859.52e6),
+        (lambda: UNet2DConditionModel(**sdxl_builtins.SDXL_UNET), 2567.46e6),
+        (lambda: AutoencoderKL(**sdxl_builtins.SDXL_VAE), 83.65e6),
+        (lambda: CLIPTextModel(CLIPTextConfig(**sd_builtins.CLIP_L_TEXT)), 123.06e6),
+        (
+            lambda: CLIPTextModelWithProjection(CLIPTextConfig(**OPENCLIP_BIGG_TEXT)),
+            694.66e6,
+        ),
     ],
     ids=["sd15-unet", "sdxl-unet", "sdxl-vae", "clip-l", "openclip-bigg"],
 )
@@ -349,8 +354,8 @@ def test_arch_sdxl_modules_fit_together_at_1024():
     through the UNet's added conditioning at 1024x1024 (128x128 latents), with no memory."""
     family = SDXLFamily()
     with torch.device("meta"):
-        modules = arch.build_arch_sdxl()
-    pipe = StableDiffusionXLPipeline(**modules, **family.pipeline_extras())
+        modules = sdxl_builtins.build_arch_sdxl()
+    pipe = StableDiffusionXLPipeline(**modules, **family.pipeline_extras)
     comps = family.components_from_pipeline(pipe, identity="arch-sdxl")
     vae_scale = 2 ** (len(comps.vae.config.block_out_channels) - 1)
     assert comps.denoiser.config.sample_size * vae_scale == 1024  # native 1024x1024

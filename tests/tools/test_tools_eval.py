@@ -19,9 +19,9 @@ import torch
 from PIL import Image
 
 from tuner.cli import main
-from tuner.evaluate import EMBED_METRICS, METRICS
 from tuner.recipe import validate_recipe
 from tuner.toy import world
+from tuner.toy.metrics import EMBED_METRICS, METRICS
 
 REPO = Path(__file__).resolve().parents[2]
 STYLE_SET = REPO / "datasets" / "toy-stripes"
@@ -59,7 +59,7 @@ def root(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def style_run(root) -> Path:
-    from tuner.train import train
+    from tuner.training.run import train
 
     torch.set_num_threads(1)
     return train(validate_recipe(base_raw(root)))
@@ -200,7 +200,7 @@ def labels_for(sample) -> dict[str, str]:
 
 
 def test_metrics_are_the_hand_counted_fractions(both_run, capsys, monkeypatch):
-    from tuner.tools import eval_cmd
+    from tuner.toy import evaluation as eval_cmd
     from tuner.toy.judge import Judge
 
     planned, real_plan = [], eval_cmd.plan_samples
@@ -247,7 +247,7 @@ def embed_models(root) -> tuple[Path, Path]:
         Dinov2Model,
     )
 
-    from tuner.families.tokenizer import offline_clip_tokenizer, vocab_size
+    from tuner.builtins.tokenizers import offline_clip_tokenizer, vocab_size
 
     torch.manual_seed(0)
     tiny = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
@@ -274,7 +274,7 @@ def toy_images(n: int, seed: int) -> list[Image.Image]:
 def test_embed_scores_match_the_models_own_forward(embed_models):
     from transformers import AutoImageProcessor, AutoModel, CLIPModel, CLIPProcessor
 
-    from tuner.evaluate_embed import embed_scores
+    from tuner.inference.scoring import embed_scores
 
     clip_dir, dino_dir = embed_models
     images, references = toy_images(3, 0), toy_images(2, 1)
@@ -347,7 +347,7 @@ def test_missing_judge_weights(style_run, tmp_path, capsys):
     ],
 )
 def test_outside_the_toy_world_needs_force(style_run, root, capsys, override, expected):
-    from tuner.tools.eval_cmd import check_judgeable
+    from tuner.toy.evaluation import check_judgeable
 
     raw = base_raw(root)
     for section, values in override.items():
@@ -356,4 +356,5 @@ def test_outside_the_toy_world_needs_force(style_run, root, capsys, override, ex
     line = one_error_line(capsys, str(folder))
     assert expected in line and "--force" in line
     recipe = validate_recipe(raw)
-    assert check_judgeable(recipe, force=True).name == ("sdxl" if "sdxl" in expected else "sd15")
+    judged = check_judgeable(recipe, force=True)
+    assert judged.spec.name == ("sdxl" if "sdxl" in expected else "sd15")

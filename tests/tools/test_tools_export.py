@@ -11,11 +11,12 @@ from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from tuner import export, families
+from tuner import families
+from tuner.adapters import formats
 from tuner.cli import main
 from tuner.errors import TunerError
+from tuner.inference.pipelines import count_lora_layers, load_adapters, load_base, lora_specs
 from tuner.recipe import ModelSection
-from tuner.tools.pipelines import count_lora_layers, load_adapters, load_base, lora_specs
 
 MODEL = "builtin:tiny-sd15"
 RANK, ALPHA = 4, 2.0  # alpha != rank, so a lost alpha changes the images
@@ -30,8 +31,8 @@ def adapter_dir(tmp_path_factory):
     torch.manual_seed(1)
     layers, configs = {}, {}
     parts = {
-        "unet": (comps.denoiser, family.default_targets),
-        "text_encoder": (comps.text_encoders["text_encoder"], family.text_encoder_targets),
+        "unet": (comps.denoiser, family.spec.default_targets),
+        "text_encoder": (comps.text_encoders["text_encoder"], family.spec.text_encoder_targets),
     }
     for name, (module, targets) in parts.items():
         config = LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=list(targets))
@@ -44,7 +45,7 @@ def adapter_dir(tmp_path_factory):
         configs[name] = config.to_dict()
     folder = tmp_path_factory.mktemp("adapter")
     family.save_lora(folder, layers, configs, "pytorch_lora_weights.safetensors")
-    export.add_metadata(
+    formats.add_metadata(
         folder / "pytorch_lora_weights.safetensors",
         {"tuner_family": "sd15", "tuner_base_model": MODEL, "ss_network_dim": "4"},
     )
@@ -112,11 +113,11 @@ def test_diffusers_kohya_diffusers_round_trip_is_exact(adapter_dir, tmp_path):
         )
         == 0
     )
-    original, _ = export.read_adapter(adapter_dir)
-    back, metadata = export.read_adapter(out)
+    original, _ = formats.read_adapter(adapter_dir)
+    back, metadata = formats.read_adapter(out)
     assert sorted(back) == sorted(original)
     assert all(torch.equal(back[k], original[k]) for k in back)
-    configs = export.lora_configs(metadata)
+    configs = formats.lora_configs(metadata)
     assert {c: (cfg["r"], cfg["lora_alpha"]) for c, cfg in configs.items()} == {
         "unet": (RANK, ALPHA),
         "text_encoder": (RANK, ALPHA),
@@ -133,15 +134,15 @@ def test_per_module_alphas_survive_kohya_to_diffusers(adapter_dir, tmp_path):
     save_file(kohya, str(mixed), metadata={"tuner_family": "sd15"})
     assert main(["export", str(mixed), "--format", "diffusers", "--model", MODEL]) == 0
     converted = tmp_path / "mixed.safetensors"
-    _, metadata = export.read_adapter(converted)
-    assert export.lora_configs(metadata)["unet"]["lora_alpha"] == RANK  # folded into up weights
+    _, metadata = formats.read_adapter(converted)
+    assert formats.lora_configs(metadata)["unet"]["lora_alpha"] == RANK  # folded into up weights
 
     # Ground truth without our converter: each layer's effective up weight (peft's runtime
     # scaling included) must be the kohya up weight times that module's alpha / rank.
     from_converted, pipe = images([converted])
     names = {
         (c, m): k
-        for k, (c, m) in export.kohya_names(
+        for k, (c, m) in formats.kohya_names(
             families.get("sd15"), families.get("sd15").components_from_pipeline(pipe, "")
         ).items()
         if k.startswith(("lora_unet_", "lora_te_text_model_"))
@@ -185,7 +186,7 @@ def test_export_refuses_to_clobber_or_reconvert(adapter_dir):
 
 
 def export_cmd():
-    from tuner.tools import export_cmd
+    from tuner.cli import export as export_cmd
 
     return export_cmd
 

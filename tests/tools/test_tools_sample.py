@@ -12,8 +12,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from tuner.cli import main
-from tuner.recipe import validate_recipe
-from tuner.tools.pipelines import (
+from tuner.inference.pipelines import (
     AdapterChoice,
     grid_cells,
     load_adapters,
@@ -21,6 +20,7 @@ from tuner.tools.pipelines import (
     lora_specs,
     render_cells,
 )
+from tuner.recipe import validate_recipe
 
 MODEL = "builtin:tiny-sd15"
 DATASET = Path(__file__).resolve().parents[2] / "datasets" / "toy-stripes"
@@ -36,7 +36,7 @@ RENDER = {
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
-    from tuner.train import train
+    from tuner.training.run import train
 
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("run")
@@ -179,7 +179,7 @@ def test_sample_cli_writes_pngs_with_their_settings(run_dir, tmp_path):
     assert "<lora:pytorch_lora_weights_kohya:0.8>" in first.text["parameters"]
     # the PNG is what the API renders with the same settings (the scale was applied)
     family, pipe = load_base(MODEL)
-    from tuner.sample import set_scheduler
+    from tuner.inference.render import set_scheduler
 
     set_scheduler(pipe, "euler")
     specs = lora_specs([f"{kohya}:0.8"])
@@ -188,7 +188,7 @@ def test_sample_cli_writes_pngs_with_their_settings(run_dir, tmp_path):
     cells = grid_cells(["a red circle", "a blue star"], [0, 5], [1.0], choices)  # one batch
     render_cells(pipe, cells, choices, **RENDER)
     assert np.array_equal(np.asarray(first.convert("RGB")), np.asarray(cells[0].image))
-    from tuner.tools.sample_cmd import unused_path
+    from tuner.cli.sample import unused_path
 
     assert unused_path(files[0]).name == files[0].stem + "-2.png"  # reruns never overwrite
 

@@ -22,7 +22,7 @@ EVAL = ["--n", "16", "--seeds", "0", "1"]  # 32 judged samples per prompt group
 
 
 def run_quickstart(name: str, folder: Path, *overrides: str) -> Path:
-    from tuner.train import train
+    from tuner.training.run import train
 
     recipe = load_recipe(
         REPO / "recipes" / name,

@@ -1,33 +1,68 @@
-"""Model families. `get(name)` returns the family object; `for_model` picks one for a recipe."""
+"""Model families, one file each. The registry is built from the family classes found in this
+package: a new family is a new file here, nothing else in the code names it."""
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
+from functools import cache
+
 from tuner.errors import TunerError
-from tuner.recipe import FAMILY_NAMES
+from tuner.families.base import Components, Family, FamilyBase, FamilySpec
+
+__all__ = ["Components", "Family", "FamilySpec", "for_model", "get", "known_for", "names"]
+
+# Modules of this package that hold no family.
+NOT_FAMILIES = {"base", "checks", "detection", "loading", "mmdit", "quantize"}
 
 
-def get(name: str):
-    if name in ("sd15", "sd2"):
-        from tuner.families.sd import StableDiffusionFamily
+@cache
+def registry() -> dict[str, type[FamilyBase]]:
+    """Family name -> class, from every module of this package that defines one."""
+    found: dict[str, type[FamilyBase]] = {}
+    for info in pkgutil.iter_modules(__path__):
+        if info.name in NOT_FAMILIES:
+            continue
+        module = importlib.import_module(f"{__name__}.{info.name}")
+        for value in vars(module).values():
+            spec = getattr(value, "spec", None)
+            if (
+                isinstance(value, type)
+                and isinstance(spec, FamilySpec)
+                and value.__module__ == module.__name__
+            ):
+                if spec.name in found:
+                    raise RuntimeError(f"two families are named {spec.name!r}")
+                found[spec.name] = value
+    return dict(sorted(found.items()))
 
-        return StableDiffusionFamily(name, 512 if name == "sd15" else 768)
-    if name == "sdxl":
-        from tuner.families.sdxl import SDXLFamily
 
-        return SDXLFamily()
-    if name == "sd3":
-        from tuner.families.sd3 import SD3Family
-
-        return SD3Family()
-    if name == "flux":
-        from tuner.families.flux import FluxFamily
-
-        return FluxFamily()
-    raise TunerError(f"unknown family {name!r}; expected one of {', '.join(FAMILY_NAMES)}")
+def names() -> tuple[str, ...]:
+    return tuple(registry())
 
 
-def for_model(model):
+def get(name: str) -> Family:
+    cls = registry().get(name)
+    if cls is None:
+        raise TunerError(f"unknown family {name!r}; expected one of {', '.join(names())}")
+    return cls()
+
+
+def for_model(model) -> Family:
     """The family named in the recipe, or the one detected from model.path."""
-    from tuner.families.loading import detect_family
+    from tuner.families.detection import detect_family
 
     return get(model.family or detect_family(model.path))
+
+
+def known_for(model) -> Family | None:
+    """The family when it is known without the network (named, builtin, local folder or
+    file); None for a hub id without model.family."""
+    from tuner.families.detection import detect_family
+    from tuner.families.loading import source_kind
+
+    if model.family:
+        return get(model.family)
+    if source_kind(model.path) == "hub":
+        return None
+    return get(detect_family(model.path))

@@ -1,22 +1,108 @@
-"""The family interface: everything that differs between SD1.x/2.x, SDXL, SD3 and Flux.
+"""The family interface: everything that differs between model families, and nothing else.
 
-The training loop, data pipeline, sampler and exporters only talk to this interface, so adding a
-family means adding one file here, never a branch elsewhere.
+A family is one class in one file of this package. It declares what it is as a frozen
+`FamilySpec` (name, pipeline, how a model is recognised, LoRA targets, export naming) and
+implements the `Family` protocol: the only calls the loop, data, sampling and export make.
+`FamilyBase` gives the defaults most families share; shared MMDiT / flow-matching behaviour is
+in helpers (`families/mmdit.py`) that families call, not in a base class chain.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import dataclasses
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol, runtime_checkable
 
 import torch
 from torch import nn
 
+if TYPE_CHECKING:
+    from tuner.objectives.common import Objective
+    from tuner.recipe import ModelSection, Recipe, TrainSection
+
+CLIP_ATTENTION = ("q_proj", "k_proj", "v_proj", "out_proj")
+UNET_ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")
+
+
+@dataclass(frozen=True)
+class Recognition:
+    """How a family recognises a model without loading it.
+
+    pipelines: `_class_name` values of a diffusers `model_index.json` (folder or hub config).
+    unet_config: for pipelines several families share, a test on the denoiser's config.
+    file_keys / file_keys_absent: a single-file checkpoint is this family's when some key
+    contains one of `file_keys` and no key contains any of `file_keys_absent`.
+    """
+
+    pipelines: tuple[str, ...]
+    unet_config: Callable[[Mapping[str, Any]], bool] | None = None
+    file_keys: tuple[str, ...] = ()
+    file_keys_absent: tuple[str, ...] = ()
+
+    def matches_index(self, pipeline: str, denoiser_config: Callable[[], Mapping]) -> bool:
+        if pipeline not in self.pipelines:
+            return False
+        return self.unet_config is None or self.unet_config(denoiser_config())
+
+    def matches_keys(self, keys: set[str]) -> bool:
+        def found(marker: str) -> bool:
+            return any(marker in key for key in keys)
+
+        return any(map(found, self.file_keys)) and not any(map(found, self.file_keys_absent))
+
+
+@dataclass(frozen=True)
+class ExportNaming:
+    """How this family's adapters are named in files other programs read.
+
+    kohya_prefixes: pipeline component -> kohya module prefix (`lora_unet`, `lora_te1`, ...).
+    kohya_base_version: kohya's `ss_base_model_version`, which webui front ends sort by.
+    modelspec_architecture: the default `modelspec.architecture` (a loaded model may refine it,
+        e.g. Flux dev / schnell; see Components.architecture).
+    lora_key_naming: "diffusers" (UNet-era `lora.down`) or "peft" (`lora_A`), what the
+        pipeline's loader reads back without dropping layers.
+    comfy_file: which file we write that ComfyUI loads at the trained strength ("kohya" or
+        "diffusers"); the model card and README name it.
+    """
+
+    kohya_prefixes: Mapping[str, str]
+    kohya_base_version: str
+    modelspec_architecture: str
+    lora_key_naming: Literal["diffusers", "peft"] = "diffusers"
+    comfy_file: Literal["kohya", "diffusers"] = "kohya"
+
+
+@dataclass(frozen=True)
+class FamilySpec:
+    """What a family is, as data."""
+
+    name: str
+    pipeline: str  # the diffusers pipeline class name
+    denoiser: Literal["unet", "transformer"]
+    default_targets: tuple[str, ...]
+    default_resolution: int
+    recognize: Recognition
+    export: ExportNaming
+    text_encoder_targets: tuple[str, ...] = CLIP_ATTENTION
+    text_encoder_lora: bool = True  # whether the pipeline's loader reads text-encoder LoRA back
+    objective: Literal["ddpm", "flow"] = "ddpm"
+    quantize: bool = False  # whether `model.quantize` (bitsandbytes NF4/int8) applies
+    # model-section options beyond the source this family applies (others are refused)
+    model_options: tuple[str, ...] = ()
+
+    @property
+    def pipeline_class(self):
+        import diffusers
+
+        return getattr(diffusers, self.pipeline)
+
 
 @dataclass
 class Components:
-    """A loaded model, split into the parts the trainer treats differently."""
+    """A loaded model, split into the parts the trainer treats differently, with the settings
+    that encoding and prediction need (resolved by `Family.configure`)."""
 
     family: Family
     denoiser: nn.Module
@@ -24,87 +110,44 @@ class Components:
     text_encoders: dict[str, nn.Module]
     tokenizers: dict[str, Any]
     scheduler: Any
-    identity: str  # stable name of the weights, part of every cache key
-    extra: dict[str, Any] = field(default_factory=dict)
+    identity: str  # stable name of the weights and encoding settings, part of every cache key
+    dtype: torch.dtype = torch.float32  # the compute dtype of the frozen weights
+    architecture: str = ""  # modelspec architecture of this exact model
+    sequence_length: int | None = None  # text tokens per prompt, for T5-style encoders
+    guidance: float | None = None  # the guidance value a guidance-distilled denoiser embeds
 
     def frozen_modules(self) -> dict[str, nn.Module]:
         return {"vae": self.vae, **self.text_encoders}
 
+    def modules(self) -> dict[str, nn.Module]:
+        return {self.family.spec.denoiser: self.denoiser, **self.frozen_modules()}
 
-class Family:
-    """Base class; subclasses set the class attributes and implement the hooks."""
 
-    name: str = ""
-    pipeline_class: Any = None
-    denoiser_name: str = "unet"  # the pipeline attribute that holds the denoiser
-    default_targets: tuple[str, ...] = ()
-    text_encoder_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "out_proj")
-    default_resolution: int = 512
-    kohya_prefixes: dict[str, str] = {"unet": "lora_unet", "text_encoder": "lora_te"}
-    modelspec_architecture: str = ""
-    # LoRA key naming of saved adapters (see adapters.adapter_state).
-    lora_key_naming: str = "diffusers"
-    # kohya's `ss_base_model_version`, which webui front ends use to sort adapters by base.
-    kohya_base_version: str = ""
-    # Cached text-encoder outputs that are per prompt (everything encode_prompts returns).
-    # Per-sample conditioning that comes from the data (sizes, crops) is read from the batch.
+@runtime_checkable
+class Family(Protocol):
+    """What the loop, the data pipeline, sampling and export call. Nothing else."""
 
-    # ---- loading -------------------------------------------------------------------------
-    def load(self, model, dtype: torch.dtype) -> Components:
-        raise NotImplementedError
+    spec: ClassVar[FamilySpec]
 
-    def build_pipeline(self, comps: Components):
-        """A diffusers pipeline sharing the loaded modules (no copies)."""
-        modules = {
-            self.denoiser_name: comps.denoiser,
-            "vae": comps.vae,
-            "scheduler": comps.scheduler,
-            **comps.text_encoders,
-            **comps.tokenizers,
-        }
-        return self.pipeline_class(**modules, **self.pipeline_extras())
+    def validate(self, recipe: Recipe) -> None:
+        """Refuse recipe settings this family cannot apply (one TunerError line), using the
+        recipe alone: run by `tuner check` and before `tuner train` writes anything."""
 
-    def configure(self, comps: Components, recipe) -> None:
-        """Apply recipe settings beyond `model` that change encoding (e.g. a text sequence
-        length, which must then be part of comps.identity) or that the family cannot support.
-        Called once right after load, before anything is cached."""
+    def load(self, model: ModelSection, dtype: torch.dtype) -> Components: ...
 
-    def pipeline_extras(self) -> dict:
-        return {}
+    def configure(self, comps: Components, recipe: Recipe) -> Components:
+        """Settings that depend on the loaded weights (e.g. sizes the VAE allows, the text
+        sequence length). Returns new Components; the family object is never changed."""
 
-    def components_from_pipeline(self, pipe, identity: str) -> Components:
-        names = [
-            n for n in ("text_encoder", "text_encoder_2", "text_encoder_3") if hasattr(pipe, n)
-        ]
-        text_encoders = {n: getattr(pipe, n) for n in names if getattr(pipe, n) is not None}
-        tok_names = [n.replace("text_encoder", "tokenizer") for n in text_encoders]
-        return Components(
-            family=self,
-            denoiser=getattr(pipe, self.denoiser_name),
-            vae=pipe.vae,
-            text_encoders=text_encoders,
-            tokenizers={n: getattr(pipe, n) for n in tok_names},
-            scheduler=pipe.scheduler,
-            identity=identity,
-        )
-
-    # ---- encoding (done once and cached when possible) ----------------------------------
     def encode_prompts(self, comps: Components, prompts: list[str]) -> dict[str, torch.Tensor]:
-        raise NotImplementedError
+        """Per-prompt conditioning tensors (batch first): what the cache stores."""
 
     def encode_images(
         self, comps: Components, pixels: torch.Tensor, generator: torch.Generator | None = None
     ) -> torch.Tensor:
         """pixels in [-1, 1], NCHW -> scaled latents ready for the denoiser."""
-        vae = comps.vae
-        posterior = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
-        latents = posterior.sample(generator=generator)
-        shift = getattr(vae.config, "shift_factor", None) or 0.0
-        return (latents - shift) * vae.config.scaling_factor
 
-    # ---- training ------------------------------------------------------------------------
-    def objective(self, comps: Components, train):
-        raise NotImplementedError
+    def objective(self, comps: Components, train: TrainSection) -> Objective: ...
 
     def predict(
         self,
@@ -113,19 +156,92 @@ class Family:
         timesteps: torch.Tensor,
         cond: dict[str, torch.Tensor],
         batch: dict,
-    ) -> torch.Tensor:
-        raise NotImplementedError
+    ) -> torch.Tensor: ...
 
-    # ---- adapters ------------------------------------------------------------------------
+    def build_pipeline(self, comps: Components) -> Any:
+        """A diffusers pipeline sharing the loaded modules (no copies)."""
+
+    def components_from_pipeline(
+        self, pipe: Any, identity: str, dtype: torch.dtype | None = None
+    ) -> Components:
+        """Components over a pipeline's modules; dtype: the compute dtype (default: the
+        pipeline's)."""
+
     def save_lora(
-        self, directory: Path, layers: dict[str, dict], metadata: dict[str, dict], weight_name: str
+        self,
+        directory: Path,
+        layers: dict[str, dict[str, torch.Tensor]],
+        metadata: dict[str, dict],
+        weight_name: str,
     ) -> None:
-        """layers: component name ('unet', 'text_encoder', ...) -> diffusers-format state dict."""
+        """layers: component name ('unet', 'text_encoder', ...) -> state dict in the family's
+        key naming; written with the pipeline class's own save_lora_weights."""
+
+    def load_lora(self, pipe: Any, file: Path, adapter_name: str) -> None:
+        """Load one adapter file with the pipeline's own load_lora_weights."""
+
+
+class FamilyBase:
+    """Defaults shared by most families; a family overrides what differs."""
+
+    spec: ClassVar[FamilySpec]
+    pipeline_extras: ClassVar[dict[str, Any]] = {}  # fixed pipeline arguments (no watermark...)
+
+    def validate(self, recipe: Recipe) -> None:
+        from tuner.families.checks import validate_common
+
+        validate_common(self.spec, recipe)
+
+    def configure(self, comps: Components, recipe: Recipe) -> Components:
+        return comps
+
+    def encode_images(self, comps, pixels, generator=None) -> torch.Tensor:
+        vae = comps.vae
+        posterior = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
+        latents = posterior.sample(generator=generator)
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        return (latents - shift) * vae.config.scaling_factor
+
+    def build_pipeline(self, comps: Components):
+        modules = {
+            self.spec.denoiser: comps.denoiser,
+            "vae": comps.vae,
+            "scheduler": comps.scheduler,
+            **comps.text_encoders,
+            **comps.tokenizers,
+        }
+        return self.spec.pipeline_class(**modules, **self.pipeline_extras)
+
+    def components_from_pipeline(self, pipe, identity: str, dtype=None) -> Components:
+        names = ("text_encoder", "text_encoder_2", "text_encoder_3")
+        text_encoders = {n: getattr(pipe, n) for n in names if getattr(pipe, n, None) is not None}
+        tokenizer_names = [n.replace("text_encoder", "tokenizer") for n in text_encoders]
+        return Components(
+            family=self,
+            denoiser=getattr(pipe, self.spec.denoiser),
+            vae=pipe.vae,
+            text_encoders=text_encoders,
+            tokenizers={n: getattr(pipe, n) for n in tokenizer_names},
+            scheduler=pipe.scheduler,
+            identity=identity,
+            dtype=dtype or pipe.dtype,
+            architecture=self.spec.export.modelspec_architecture,
+        )
+
+    def save_lora(self, directory, layers, metadata, weight_name) -> None:
         kwargs = {f"{name}_lora_layers": sd for name, sd in layers.items()}
         kwargs.update({f"{name}_lora_adapter_metadata": md for name, md in metadata.items()})
-        self.pipeline_class.save_lora_weights(
+        self.spec.pipeline_class.save_lora_weights(
             str(directory), weight_name=weight_name, safe_serialization=True, **kwargs
         )
+
+    def load_lora(self, pipe, file: Path, adapter_name: str) -> None:
+        pipe.load_lora_weights(str(file.parent), weight_name=file.name, adapter_name=adapter_name)
+
+
+def replace(comps: Components, **changes) -> Components:
+    """A copy of comps with some fields changed (configure returns one)."""
+    return dataclasses.replace(comps, **changes)
 
 
 def token_ids(tokenizer, prompts: list[str]) -> torch.Tensor:

@@ -2,32 +2,24 @@
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
 import torch
 
+from tuner import builtins
 from tuner.errors import TunerError
-from tuner.families.builtin import BUILTINS, builtin_name
 
 HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth")
 
-# diffusers pipeline class -> our family name (sd15/sd2 are told apart by the text width).
-PIPELINE_FAMILIES = {
-    "StableDiffusionXLPipeline": "sdxl",
-    "StableDiffusion3Pipeline": "sd3",
-    "FluxPipeline": "flux",
-}
-
 
 def source_kind(path: str) -> str:
     """'builtin' | 'folder' | 'file' | 'hub'; raises a one-line error for a missing path."""
-    name = builtin_name(path)
+    name = builtins.builtin_name(path)
     if name is not None:
-        if name not in BUILTINS:
-            known = ", ".join(f"builtin:{n}" for n in BUILTINS)
+        if builtins.lookup(name) is None:
+            known = ", ".join(f"builtin:{n}" for n in builtins.all_builtins())
             raise TunerError(f"model.path: unknown builtin {path!r}; choose one of {known}")
         return "builtin"
     local = Path(path).expanduser()
@@ -64,75 +56,15 @@ def model_identity(family_name: str, model) -> str:
     return "|".join(parts)
 
 
-def detect_family(path: str) -> str:
-    kind = source_kind(path)
-    if kind == "builtin":
-        return BUILTINS[builtin_name(path)][0]
-    if kind == "folder":
-        return _family_from_folder(Path(path).expanduser())
-    if kind == "file":
-        return _family_from_file(Path(path).expanduser())
-    return _family_from_hub(path)
-
-
-def _family_from_folder(folder: Path) -> str:
-    index = json.loads((folder / "model_index.json").read_text())
-    cls = index.get("_class_name", "")
-    if cls in PIPELINE_FAMILIES:
-        return PIPELINE_FAMILIES[cls]
-    if cls == "StableDiffusionPipeline":
-        config = json.loads((folder / "unet" / "config.json").read_text())
-        # SD2 conditions on OpenCLIP-H (1024 wide, or wider in our tiny sd2) instead of CLIP-L.
-        return "sd2" if config.get("use_linear_projection") else "sd15"
-    raise TunerError(
-        f"model.path: cannot tell the family of {folder} ({cls or 'no class'}); set model.family"
-    )
-
-
-def _family_from_file(file: Path) -> str:
-    if file.suffix != ".safetensors":
-        raise TunerError(f"model.path: cannot detect the family of {file.name}; set model.family")
-    from safetensors import safe_open
-
-    with safe_open(str(file), framework="pt") as handle:
-        keys = set(handle.keys())
-    if any(k.startswith("conditioner.embedders.1") for k in keys):
-        return "sdxl"
-    if any("joint_blocks" in k for k in keys):
-        return "sd3"
-    if any("double_blocks" in k for k in keys):
-        return "flux"
-    if any(k.startswith("cond_stage_model.model.") for k in keys):
-        return "sd2"
-    if any(k.startswith("model.diffusion_model.input_blocks") for k in keys):
-        return "sd15"
-    raise TunerError(f"model.path: cannot detect the family of {file.name}; set model.family")
-
-
-def _family_from_hub(repo: str) -> str:
-    from diffusers import DiffusionPipeline
-
-    try:
-        index = DiffusionPipeline.load_config(repo)
-    except Exception as exc:  # offline, private, or missing repo
-        raise TunerError(
-            f"model.path: could not read {repo} from the hub ({type(exc).__name__}); "
-            "set model.family, or use a local folder"
-        ) from None
-    cls = index.get("_class_name", "")
-    if cls in PIPELINE_FAMILIES:
-        return PIPELINE_FAMILIES[cls]
-    return "sd2" if "2" in repo.split("/")[-1].split("-")[-1][:1] else "sd15"
-
-
 def load_pipeline_modules(family, model, dtype: torch.dtype, components: dict | None = None):
     """Load a diffusers pipeline for `family` from any supported source. `components` replace
     pipeline modules: a ready-made module, or None to leave one out (SD3 without T5)."""
     kind = source_kind(model.path)
-    extras = {**family.pipeline_extras(), **(components or {})}
+    extras = {**family.pipeline_extras, **(components or {})}
+    pipeline_class = family.spec.pipeline_class
     if kind == "builtin":
-        modules = BUILTINS[builtin_name(model.path)][1]()
-        pipe = family.pipeline_class(**{**modules, **extras})
+        modules = builtins.lookup(builtins.builtin_name(model.path)).build()
+        pipe = pipeline_class(**{**modules, **extras})
         # Builtins are built in fp32; cast only what was built here (not supplied components).
         for name, module in modules.items():
             if dtype != torch.float32 and name not in extras and hasattr(module, "to"):
@@ -141,7 +73,7 @@ def load_pipeline_modules(family, model, dtype: torch.dtype, components: dict | 
     if kind == "file":
         return _from_single_file(family, model, dtype, extras)
     try:
-        return family.pipeline_class.from_pretrained(
+        return pipeline_class.from_pretrained(
             str(Path(model.path).expanduser()) if kind == "folder" else model.path,
             torch_dtype=dtype,
             revision=model.revision,
@@ -153,7 +85,7 @@ def load_pipeline_modules(family, model, dtype: torch.dtype, components: dict | 
         raise TunerError(
             f"model.path: could not load {model.path} ({_short(exc)}); if the files "
             "are .bin/.ckpt pickles, convert them or set model.allow_pickle: true"
-        ) from None
+        ) from exc
 
 
 def _from_single_file(family, model, dtype, extras):
@@ -167,12 +99,12 @@ def _from_single_file(family, model, dtype, extras):
     if model.config:
         kwargs["config"] = model.config
     try:
-        return family.pipeline_class.from_single_file(str(path), **kwargs)
+        return family.spec.pipeline_class.from_single_file(str(path), **kwargs)
     except (OSError, ValueError) as exc:
         raise TunerError(
             f"model.path: could not load single file {path.name} ({_short(exc)}); "
             "set model.config to a local diffusers folder of the same architecture"
-        ) from None
+        ) from exc
 
 
 def _short(exc: Exception) -> str:

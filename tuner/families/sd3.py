@@ -5,82 +5,89 @@ its place, as StableDiffusion3Pipeline does without text_encoder_3)."""
 from __future__ import annotations
 
 import torch
-from diffusers import (
-    FlowMatchEulerDiscreteScheduler,
-    SD3Transformer2DModel,
-    StableDiffusion3Pipeline,
-)
-from transformers import CLIPTextModelWithProjection
+from diffusers import SD3Transformer2DModel
 
-from tuner.families.base import Components
-from tuner.families.builtin import tiny_vae
-from tuner.families.flowmatch import (
-    FlowMatchFamily,
-    clip_config,
-    default_dtype,
-    mmdit_vae,
-    offline_t5_tokenizer,
-    t5_encoder,
-    t5_xxl,
+from tuner.families import mmdit
+from tuner.families.base import (
+    Components,
+    ExportNaming,
+    FamilyBase,
+    FamilySpec,
+    Recognition,
+    replace,
 )
-from tuner.families.tokenizer import offline_clip_tokenizer
 
 T5_PARTS = ("text_encoder_3", "tokenizer_3")
 
 
-class SD3Family(FlowMatchFamily):
-    name = "sd3"
-    pipeline_class = StableDiffusion3Pipeline
-    transformer_cls = SD3Transformer2DModel
-    default_resolution = 1024
-    modelspec_architecture = "stable-diffusion-3.5-large"
-    kohya_base_version = "sd3"
+class SD3Family(FamilyBase):
+    spec = FamilySpec(
+        name="sd3",
+        pipeline="StableDiffusion3Pipeline",
+        denoiser="transformer",
+        default_targets=mmdit.JOINT_ATTENTION,
+        default_resolution=1024,
+        recognize=Recognition(pipelines=("StableDiffusion3Pipeline",), file_keys=("joint_blocks",)),
+        export=ExportNaming(
+            kohya_prefixes=mmdit.MMDIT_KOHYA_PREFIXES,
+            kohya_base_version="sd3",
+            modelspec_architecture="stable-diffusion-3.5-large",
+            # The transformer loaders pick one naming from the first key and drop layers
+            # named the other way: PEFT names throughout, as diffusers' SD3 script saves.
+            lora_key_naming="peft",
+        ),
+        objective="flow",
+        text_encoder_lora=False,
+        quantize=True,
+        model_options=("drop_t5",),
+    )
 
-    def leave_out(self, model) -> tuple[str, ...]:
-        return T5_PARTS if model.drop_t5 else ()
+    def validate(self, recipe) -> None:
+        super().validate(recipe)
+        mmdit.validate_sequence_length(recipe)
 
     def load(self, model, dtype: torch.dtype) -> Components:
-        comps = super().load(model, dtype)
-        comps.extra["dtype"] = dtype
-        if model.drop_t5:
-            comps.identity += ":no-t5"  # the cached embeddings hold zeros instead of T5
-        return comps
+        leave_out = T5_PARTS if model.drop_t5 else ()
+        comps = mmdit.load_mmdit(self, model, dtype, SD3Transformer2DModel, leave_out)
+        identity = comps.identity + (":no-t5" if model.drop_t5 else "")  # zeros instead of T5
+        return replace(
+            comps,
+            identity=identity,
+            architecture=sd3_architecture(comps.denoiser),
+            sequence_length=256,
+        )
 
-    def configure(self, comps: Components, recipe) -> None:
-        super().configure(comps, recipe)
-        config = comps.denoiser.config
-        if config.dual_attention_layers:
-            self.modelspec_architecture = "stable-diffusion-3.5-medium"
-        elif config.num_layers >= 38:
-            self.modelspec_architecture = "stable-diffusion-3.5-large"
-        else:
-            self.modelspec_architecture = "stable-diffusion-3-medium"
+    def configure(self, comps: Components, recipe) -> Components:
+        return mmdit.configure_mmdit(comps, recipe, comps.sequence_length, self.spec.name)
 
     def build_pipeline(self, comps: Components):
         modules = {
             "transformer": comps.denoiser,
             "vae": comps.vae,
             "scheduler": comps.scheduler,
-            **dict.fromkeys(T5_PARTS),
+            **dict.fromkeys(T5_PARTS),  # None unless T5 was loaded
             **comps.text_encoders,
             **comps.tokenizers,
         }
-        return self.pipeline_class(**modules)
+        return self.spec.pipeline_class(**modules)
 
     def encode_prompts(self, comps: Components, prompts: list[str]) -> dict[str, torch.Tensor]:
-        pipe = self.encoding_pipeline(comps)
-        embeds, _, pooled, _ = pipe.encode_prompt(
+        # The pipeline's own encode_prompt: training sees exactly what sampling computes.
+        embeds, _, pooled, _ = self.build_pipeline(comps).encode_prompt(
             prompt=prompts,
             prompt_2=None,
             prompt_3=None,
-            device=self.encoder_device(comps),
+            device=mmdit.encoder_device(comps),
             do_classifier_free_guidance=False,
-            max_sequence_length=comps.extra["max_sequence_length"],
+            max_sequence_length=comps.sequence_length,
         )
         return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
 
+    def objective(self, comps: Components, train):
+        return mmdit.flow_objective(comps, train)
+
     def predict(self, comps, noisy, timesteps, cond, batch) -> torch.Tensor:
-        dtype = comps.extra.get("dtype", torch.float32)
+        dtype = comps.dtype
         return comps.denoiser(
             hidden_states=noisy.to(dtype),
             timestep=timesteps,  # sigma * 1000, as the SD3 pipeline passes it
@@ -90,85 +97,10 @@ class SD3Family(FlowMatchFamily):
         )[0]
 
 
-# --- builtin models -----------------------------------------------------------------------
-
-
-def sd3_scheduler() -> FlowMatchEulerDiscreteScheduler:
-    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
-
-
-def sd35_large_transformer_config() -> dict:
-    """SD3.5 Large: 38 blocks, 38 heads x 64, QK RMS-norm, 2432-wide context projection."""
-    return {
-        "sample_size": 128,
-        "patch_size": 2,
-        "in_channels": 16,
-        "num_layers": 38,
-        "attention_head_dim": 64,
-        "num_attention_heads": 38,
-        "joint_attention_dim": 4096,
-        "caption_projection_dim": 2432,
-        "pooled_projection_dim": 2048,
-        "out_channels": 16,
-        "pos_embed_max_size": 192,
-        "qk_norm": "rms_norm",
-    }
-
-
-# The SD3/3.5 VAE's latent statistics (its config's scaling and shift factors).
-SD3_LATENT_STATS = {"scaling_factor": 1.5305, "shift_factor": 0.0609}
-
-
-def build_tiny_sd3() -> dict:
-    """SD3.5 at toy size: 2 blocks with QK norm; CLIP-L and CLIP-G 32 wide (their hidden states
-    concatenate to 64 = the T5 width, their projections to 64 = the pooled width)."""
-    torch.manual_seed(3)
-    transformer = SD3Transformer2DModel(
-        sample_size=32,
-        patch_size=2,
-        in_channels=16,
-        num_layers=2,
-        attention_head_dim=8,
-        num_attention_heads=4,
-        joint_attention_dim=64,
-        caption_projection_dim=32,
-        pooled_projection_dim=64,
-        out_channels=16,
-        pos_embed_max_size=64,
-        qk_norm="rms_norm",
-    )
-    return {
-        "transformer": transformer,
-        "vae": tiny_vae(
-            16,
-            **SD3_LATENT_STATS,
-            use_quant_conv=False,
-            use_post_quant_conv=False,
-        ),
-        "text_encoder": CLIPTextModelWithProjection(clip_config(32, 2, 2)),
-        "tokenizer": offline_clip_tokenizer(),
-        "text_encoder_2": CLIPTextModelWithProjection(clip_config(32, 2, 2, act="gelu")),
-        "tokenizer_2": offline_clip_tokenizer("!"),
-        "text_encoder_3": t5_encoder(64, 128, layers=2, heads=2, d_kv=32),
-        "tokenizer_3": offline_t5_tokenizer(),
-        "scheduler": sd3_scheduler(),
-    }
-
-
-def build_arch_sd35() -> dict:
-    """The full SD3.5 Large architecture with random weights (CLIP-L, CLIP-G, T5-XXL), in bf16."""
-    torch.manual_seed(0)
-    with default_dtype(torch.bfloat16):
-        return {
-            "transformer": SD3Transformer2DModel(**sd35_large_transformer_config()),
-            "vae": mmdit_vae(**SD3_LATENT_STATS),
-            "text_encoder": CLIPTextModelWithProjection(clip_config(768, 12, 12, full_vocab=True)),
-            "tokenizer": offline_clip_tokenizer(),
-            "text_encoder_2": CLIPTextModelWithProjection(
-                clip_config(1280, 32, 20, act="gelu", full_vocab=True)
-            ),
-            "tokenizer_2": offline_clip_tokenizer("!"),
-            "text_encoder_3": t5_xxl(),
-            "tokenizer_3": offline_t5_tokenizer(),
-            "scheduler": sd3_scheduler(),
-        }
+def sd3_architecture(transformer) -> str:
+    config = transformer.config
+    if config.dual_attention_layers:
+        return "stable-diffusion-3.5-medium"
+    if config.num_layers >= 38:
+        return "stable-diffusion-3.5-large"
+    return "stable-diffusion-3-medium"

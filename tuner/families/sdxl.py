@@ -13,19 +13,18 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from diffusers import (
-    AutoencoderKL,
-    DDPMScheduler,
-    EulerDiscreteScheduler,
-    StableDiffusionXLPipeline,
-    UNet2DConditionModel,
-)
-from transformers import CLIPTextModelWithProjection
+from diffusers import AutoencoderKL
 
 from tuner.errors import TunerError
-from tuner.families.arch import SDXL_SCHEDULER, build_arch_sdxl
-from tuner.families.base import Components, Family, token_ids
-from tuner.families.builtin import tiny_clip, tiny_vae
+from tuner.families.base import (
+    UNET_ATTENTION,
+    Components,
+    ExportNaming,
+    FamilyBase,
+    FamilySpec,
+    Recognition,
+    token_ids,
+)
 from tuner.families.loading import (
     HUB_ID,
     PICKLE_SUFFIXES,
@@ -33,26 +32,33 @@ from tuner.families.loading import (
     model_identity,
     source_kind,
 )
-from tuner.families.tokenizer import offline_clip_tokenizer
-from tuner.objectives import DDPMObjective
-
-__all__ = ["SDXLFamily", "build_arch_sdxl", "build_tiny_sdxl", "time_ids"]
+from tuner.objectives.ddpm import DDPMObjective, ddpm_objective
 
 ENCODERS = (("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2"))
 
 
-class SDXLFamily(Family):
-    name = "sdxl"
-    pipeline_class = StableDiffusionXLPipeline
-    denoiser_name = "unet"
-    default_targets = ("to_q", "to_k", "to_v", "to_out.0")
-    default_resolution = 1024
-    kohya_prefixes = {"unet": "lora_unet", "text_encoder": "lora_te1", "text_encoder_2": "lora_te2"}
-    modelspec_architecture = "stable-diffusion-xl-v1-base"
-    kohya_base_version = "sdxl_base_v1-0"
-
-    def pipeline_extras(self) -> dict:
-        return {"add_watermarker": False}  # training samples should show the model, unaltered
+class SDXLFamily(FamilyBase):
+    spec = FamilySpec(
+        name="sdxl",
+        pipeline="StableDiffusionXLPipeline",
+        denoiser="unet",
+        default_targets=UNET_ATTENTION,
+        default_resolution=1024,
+        recognize=Recognition(
+            pipelines=("StableDiffusionXLPipeline",), file_keys=("conditioner.embedders.1",)
+        ),
+        export=ExportNaming(
+            kohya_prefixes={
+                "unet": "lora_unet",
+                "text_encoder": "lora_te1",
+                "text_encoder_2": "lora_te2",
+            },
+            kohya_base_version="sdxl_base_v1-0",
+            modelspec_architecture="stable-diffusion-xl-v1-base",
+        ),
+        model_options=("prediction_type", "vae_path"),
+    )
+    pipeline_extras = {"add_watermarker": False}  # samples should show the model, unaltered
 
     # ---- loading -------------------------------------------------------------------------
     def load(self, model, dtype: torch.dtype) -> Components:
@@ -60,7 +66,7 @@ class SDXLFamily(Family):
         vae = load_vae(model, dtype) if model.vae_path else released_vae_in_fp32(model)
         pipe = load_pipeline_modules(self, model, dtype, None if vae is None else {"vae": vae})
         # Another VAE (model.vae_path) means other latents: it is part of the identity.
-        comps = self.components_from_pipeline(pipe, identity=model_identity(self.name, model))
+        comps = self.components_from_pipeline(pipe, model_identity(self.spec.name, model), dtype)
         # Builtins are cast as a whole and a single file's VAE comes in the compute dtype, so
         # the dtype is settled here (their weights keep that dtype's rounding).
         comps.vae.to(dtype if model.vae_path else torch.float32)
@@ -92,10 +98,7 @@ class SDXLFamily(Family):
     def objective(self, comps: Components, train) -> DDPMObjective:
         # SDXL ships an Euler sampler, whose add_noise works in sigma space; training needs the
         # DDPM forward process over the same betas and prediction type.
-        noise_scheduler = DDPMScheduler.from_config(comps.scheduler.config)
-        return DDPMObjective(
-            noise_scheduler, noise_offset=train.noise_offset, min_snr_gamma=train.min_snr_gamma
-        )
+        return ddpm_objective(comps.scheduler, train)
 
     def predict(self, comps, noisy, timesteps, cond, batch) -> torch.Tensor:
         added = {
@@ -167,7 +170,7 @@ def load_vae(model, dtype: torch.dtype) -> AutoencoderKL:
         raise TunerError(
             f"model.vae_path: could not load {path} ({reason}); give an "
             "AutoencoderKL folder, a hub id or a .safetensors file"
-        ) from None
+        ) from exc
     raise TunerError(
         f"model.vae_path: {path} not found; give an AutoencoderKL folder "
         "(config.json + weights), a hub id such as madebyollin/sdxl-vae-fp16-fix, "
@@ -185,45 +188,3 @@ def decode_in_vae_dtype(vae: AutoencoderKL) -> None:
 def _cast_to_own_dtype(module: torch.nn.Module, args: tuple) -> tuple:
     dtype = next(module.parameters()).dtype
     return tuple(a.to(dtype) if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
-
-
-# ---- builtin ---------------------------------------------------------------------------------
-
-TINY_TEXT_WIDTHS = (32, 48)  # unequal, like CLIP-L (768) and bigG (1280), so the order matters
-TINY_POOLED = 40  # encoder 2's projection width, unlike its hidden width
-TINY_TIME_DIM = 8
-
-
-def build_tiny_sdxl() -> dict:
-    """Modules for StableDiffusionXLPipeline at toy size: seeded, bit-identical every build."""
-    torch.manual_seed(1)
-    width_1, width_2 = TINY_TEXT_WIDTHS
-    # Encoder 2 is the builtin CLIP's config with the projection head SDXL pools through.
-    encoder_2 = CLIPTextModelWithProjection(tiny_clip(width_2, TINY_POOLED, act="gelu").config)
-    return {
-        "unet": tiny_sdxl_unet(),
-        "vae": tiny_vae(scaling_factor=0.13025, force_upcast=True),
-        "text_encoder": tiny_clip(width_1),
-        "text_encoder_2": encoder_2,
-        "tokenizer": offline_clip_tokenizer(),
-        "tokenizer_2": offline_clip_tokenizer("!"),
-        "scheduler": EulerDiscreteScheduler(**SDXL_SCHEDULER),
-    }
-
-
-def tiny_sdxl_unet() -> UNet2DConditionModel:
-    return UNet2DConditionModel(
-        sample_size=32,
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        transformer_layers_per_block=(1, 2),
-        attention_head_dim=(2, 4),
-        cross_attention_dim=sum(TINY_TEXT_WIDTHS),
-        use_linear_projection=True,
-        addition_embed_type="text_time",
-        addition_time_embed_dim=TINY_TIME_DIM,
-        projection_class_embeddings_input_dim=6 * TINY_TIME_DIM + TINY_POOLED,
-        norm_num_groups=8,
-    )

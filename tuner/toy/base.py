@@ -159,6 +159,13 @@ def load_toy_modules() -> dict:
     return {name: getattr(pipe, name) for name in names}
 
 
+def builtins() -> dict:
+    """`builtin:toy`, registered through the `tuner.builtins` entry point."""
+    from tuner.builtins import Builtin
+
+    return {"toy": Builtin("sd15", load_toy_modules)}
+
+
 def sample_images(pipe, prompts, seed=0, steps=25, guidance=4.0):
     """64x64 samples with a DDIM copy of the scheduler (DDPM needs ~1000 steps)."""
     ddim = DDIMScheduler.from_config(pipe.scheduler.config)

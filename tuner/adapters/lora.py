@@ -1,0 +1,134 @@
+"""LoRA adapters through PEFT: inject, collect trainable parameters, save in diffusers format."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from diffusers.training_utils import cast_training_params
+from diffusers.utils import convert_state_dict_to_diffusers
+from peft import LoraConfig, inject_adapter_in_model
+from peft.utils import get_peft_model_state_dict
+
+from tuner.errors import TunerError
+
+WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+KOHYA_WEIGHT_NAME = "pytorch_lora_weights_kohya.safetensors"
+
+
+def lora_config(adapter, targets) -> LoraConfig:
+    return LoraConfig(
+        r=adapter.rank,
+        lora_alpha=adapter.lora_alpha,
+        lora_dropout=adapter.dropout,
+        init_lora_weights=True if adapter.init == "default" else adapter.init,
+        target_modules=targets,
+        use_dora=adapter.dora,
+    )
+
+
+def denoiser_targets(adapter, family, denoiser) -> list[str] | str:
+    """Module-name suffixes (default: the family's attention projections) or a full regex."""
+    if adapter.target_regex:
+        try:
+            pattern = re.compile(adapter.target_regex)
+        except re.error as exc:
+            raise TunerError(f"adapter.target_regex: invalid regex ({exc})") from None
+        if not any(pattern.fullmatch(name) for name, _ in denoiser.named_modules()):
+            raise TunerError(
+                f"adapter.target_regex: {adapter.target_regex!r} matches no module "
+                "of the denoiser; it must match full module names"
+            )
+        return adapter.target_regex
+    targets = list(adapter.targets or family.spec.default_targets)
+    names = [name for name, _ in denoiser.named_modules()]
+    for target in targets:
+        if not any(name == target or name.endswith("." + target) for name in names):
+            raise TunerError(
+                f"adapter.targets: {target!r} names no module of the denoiser; "
+                f"defaults for this family are {list(family.spec.default_targets)}"
+            )
+    return targets
+
+
+def inject(comps, adapter, family) -> dict[str, torch.nn.Module]:
+    """Add LoRA to the denoiser (and text encoders if asked). Returns the trained modules by
+    their pipeline component name. LoRA weights are fp32 whatever the base dtype."""
+    trained = {}
+    comps.denoiser.add_adapter(
+        lora_config(adapter, denoiser_targets(adapter, family, comps.denoiser))
+    )
+    trained[family.spec.denoiser] = comps.denoiser
+    if adapter.text_encoder:
+        for name, encoder in comps.text_encoders.items():
+            # peft directly, not transformers' add_adapter: that one demands a newer peft
+            # than some transformers/peft pairings on PyPI provide.
+            inject_adapter_in_model(
+                lora_config(adapter, list(family.spec.text_encoder_targets)),
+                encoder,
+                adapter_name="default",
+            )
+            trained[name] = encoder
+    # Base weights stay frozen in the compute dtype; only LoRA params train, in fp32.
+    for module in trained.values():
+        for pname, param in module.named_parameters():
+            param.requires_grad_("lora_" in pname)
+    cast_training_params(list(trained.values()), dtype=torch.float32)
+    return trained
+
+
+def trainable_parameters(module: torch.nn.Module) -> list[torch.nn.Parameter]:
+    return [p for p in module.parameters() if p.requires_grad]
+
+
+def peft_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """LoRA weights in PEFT naming (what set_peft_model_state_dict reads back)."""
+    return get_peft_model_state_dict(module)
+
+
+def adapter_state(
+    trained: dict[str, torch.nn.Module], naming: str = "diffusers"
+) -> dict[str, dict[str, torch.Tensor]]:
+    """Per component, its LoRA weights in the naming the family's loader reads: "diffusers"
+    (UNet-era `lora.down`/`lora.up`) or "peft" (`lora_A`/`lora_B`, what diffusers' transformer
+    loaders expect throughout)."""
+    states = {name: get_peft_model_state_dict(module) for name, module in trained.items()}
+    if naming == "peft":
+        return states
+    converted = {name: convert_state_dict_to_diffusers(sd) for name, sd in states.items()}
+    if any(".lora_A." in key for sd in converted.values() for key in sd):
+        # The UNet-era names cover attention layers only (conv LoRA stays lora_A), and
+        # diffusers' loader reads one naming per file: mixed, it drops the other half.
+        return states
+    return converted
+
+
+def adapter_metadata(trained: dict[str, torch.nn.Module]) -> dict[str, dict]:
+    # Saved inside the file so that load_lora_weights rebuilds the same rank and alpha.
+    return {name: module.peft_config["default"].to_dict() for name, module in trained.items()}
+
+
+def save_adapter(
+    directory: Path, family, trained, weight_name: str = WEIGHT_NAME, extra_metadata=None
+) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {
+        name: {k: v.detach().float().cpu() for k, v in sd.items()}
+        for name, sd in adapter_state(trained, family.spec.export.lora_key_naming).items()
+    }
+    # Written beside the target and renamed: an existing adapter is never half-overwritten.
+    staging = Path(tempfile.mkdtemp(prefix=".saving-", dir=directory))
+    try:
+        family.save_lora(staging, state, adapter_metadata(trained), weight_name)
+        if extra_metadata:  # before publishing: the final file never lacks its metadata
+            from tuner.adapters.formats import add_metadata
+
+            add_metadata(staging / weight_name, extra_metadata)
+        os.replace(staging / weight_name, directory / weight_name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return directory / weight_name

@@ -1,0 +1,379 @@
+"""`tuner sample` (PNGs with their settings inside) and `tuner grid` (labelled evaluation sheets,
+including one column per saved checkpoint of a training run)."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from tuner.errors import TunerError
+from tuner.families import names as family_names
+from tuner.inference.grids import check_axes, make_grid, save_grid
+from tuner.inference.pipelines import AdapterChoice, LoraSpec, grid_cells, lora_specs, render_cells
+from tuner.inference.render import SCHEDULER_NAMES, pipeline_default, png_info
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass
+class Settings:
+    """What a render needs besides prompts, seeds and adapters; None = the pipeline's default."""
+
+    model: str
+    family: str | None = None
+    negative_prompt: str = ""
+    steps: int | None = None
+    guidance: float | None = None
+    width: int | None = None
+    height: int | None = None
+    scheduler: str = "default"
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "sample",
+        help="render PNGs: tuner sample MODEL --lora PATH[:SCALE] --prompt TEXT --seed N --out DIR",
+    )
+    p.add_argument(
+        "model",
+        nargs="?",
+        help="diffusers folder, .safetensors file, hub id or "
+        "builtin:NAME (default: the base model named in the first --lora's metadata)",
+    )
+    add_render_flags(p)
+    p.add_argument("--out", default="samples", help="folder for the PNGs (default: samples)")
+    p.set_defaults(func=cmd_sample)
+
+    g = sub.add_parser(
+        "grid",
+        help="labelled grid + JSON index: tuner grid MODEL --lora A "
+        "--scales 0,1 ... or tuner grid --checkpoints OUTPUT_DIR",
+    )
+    g.add_argument(
+        "model",
+        nargs="?",
+        help="base model (default: the recipe's with "
+        "--checkpoints, else the one named in the first --lora's metadata)",
+    )
+    g.add_argument(
+        "--checkpoints",
+        metavar="OUTPUT_DIR",
+        help="one column per saved checkpoint of this training output, then the final",
+    )
+    add_render_flags(g)
+    g.add_argument("--scales", help="adapter scales, comma separated, e.g. 0,0.5,1")
+    g.add_argument("--rows", help="axes from prompt,seed,scale,step,adapter (default prompt,seed)")
+    g.add_argument(
+        "--cols",
+        help="axes for columns (default: step with --checkpoints, else "
+        "scale, and adapter when several --lora)",
+    )
+    g.add_argument(
+        "--out",
+        help="grid PNG (default grid.png; with --checkpoints OUTPUT_DIR/samples/checkpoints.png)",
+    )
+    g.set_defaults(func=cmd_grid)
+
+
+def add_render_flags(p) -> None:
+    p.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="PATH[:SCALE]",
+        help="output dir or .safetensors (diffusers or kohya); repeatable",
+    )
+    p.add_argument("--prompt", action="append", default=[], help="repeatable")
+    p.add_argument("--prompt-file", help="one prompt per line")
+    p.add_argument("--seed", action="append", type=int, help="repeatable (default 0)")
+    p.add_argument("--negative", help="negative prompt")
+    p.add_argument("--steps", type=int, help="inference steps (default: the pipeline's)")
+    p.add_argument("--guidance", type=float, help="guidance scale (default: the pipeline's)")
+    p.add_argument("--width", type=int)
+    p.add_argument("--height", type=int)
+    p.add_argument("--scheduler", choices=SCHEDULER_NAMES)
+    p.add_argument("--family", choices=family_names(), help="model family, if not detected")
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, ...")
+    p.add_argument("--dtype", default="auto", choices=("auto", *DTYPES))
+    p.add_argument("--batch-size", type=int, default=4, help="images per pipeline call")
+
+
+def quiet_progress(args) -> None:
+    """Loading bars from transformers/diffusers bury the one line the user needs."""
+    if getattr(args, "debug", False):
+        return
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
+
+
+# --- tuner sample ----------------------------------------------------------------------------
+
+
+def settings_from(args, model: str, family) -> Settings:
+    return Settings(
+        model,
+        family,
+        args.negative or "",
+        args.steps,
+        args.guidance,
+        args.width,
+        args.height,
+        args.scheduler or "default",
+    )
+
+
+def cmd_sample(args) -> int:
+    quiet_progress(args)
+    prompts = read_prompts(args)
+    if not prompts:
+        raise TunerError("no prompt; give --prompt TEXT (repeatable) or --prompt-file FILE")
+    specs = lora_specs(args.lora)
+    model, family = base_model(args, specs)
+    settings = settings_from(args, model, family)
+    label = " + ".join(f"{s.label}:{s.scale:g}" for s in specs) or "base"
+    choices = {label: AdapterChoice(label, specs)}
+    cells = grid_cells(prompts, args.seed or [0], [1.0], choices)
+    settings = render(settings, cells, choices, args)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for cell in cells:
+        number = prompts.index(cell.prompt)
+        path = unused_path(out / f"{number:03d}-seed{cell.seed}-{slug(cell.prompt)}.png")
+        meta = image_settings(settings, specs, cell)
+        cell.image.save(path, pnginfo=png_info(meta))
+    print(f"wrote {len(cells)} images to {out}")
+    return 0
+
+
+def base_model(args, specs: list[LoraSpec]) -> tuple[str, str | None]:
+    """MODEL as given, else the base model our training wrote into the first adapter file."""
+    from tuner.adapters.formats import read_adapter
+
+    if args.model:
+        return args.model, args.family
+    if specs:
+        metadata = read_adapter(specs[0].path)[1]
+        if metadata.get("tuner_base_model"):
+            return metadata["tuner_base_model"], args.family or metadata.get("tuner_family")
+    raise TunerError(
+        "no base model; give MODEL (a diffusers folder, .safetensors file, hub id "
+        "or builtin:NAME), or a --lora file trained by tuner, which names its base"
+    )
+
+
+def read_prompts(args) -> list[str]:
+    prompts = list(args.prompt)
+    if args.prompt_file:
+        path = Path(args.prompt_file).expanduser()
+        if not path.is_file():
+            raise TunerError(f"--prompt-file {path}: file not found")
+        lines = path.read_text(encoding="utf-8").splitlines()
+        prompts += [line.strip() for line in lines if line.strip()]
+    return prompts
+
+
+def image_settings(settings: Settings, specs: list[LoraSpec], cell) -> dict:
+    return {
+        **asdict(settings),
+        "prompt": cell.prompt,
+        "seed": cell.seed,
+        "width": cell.image.width,
+        "height": cell.image.height,
+        "loras": [{"path": str(s.path), "scale": s.scale * cell.scale} for s in specs],
+    }
+
+
+def slug(text: str, length: int = 40) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:length] or "prompt"
+
+
+def unused_path(path: Path) -> Path:
+    """Never overwrite an earlier image: add -2, -3, ... to the name."""
+    candidate, n = path, 2
+    while candidate.exists():
+        candidate = path.with_name(f"{path.stem}-{n}{path.suffix}")
+        n += 1
+    return candidate
+
+
+# --- shared rendering -------------------------------------------------------------------------
+
+
+def device_and_dtype(device: str, dtype: str) -> tuple[torch.device, torch.dtype]:
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    if dtype != "auto":
+        return device, DTYPES[dtype]
+    if device.type == "cuda":
+        return device, torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return device, torch.float32
+
+
+def render(settings: Settings, cells, choices: dict[str, AdapterChoice], args) -> Settings:
+    """Load the base and every adapter once, render all cells; returns the settings with the
+    pipeline's defaults filled in (so metadata records what was used)."""
+    from tuner.inference.pipelines import load_adapters, load_base
+    from tuner.inference.render import set_scheduler
+
+    device, dtype = device_and_dtype(args.device, args.dtype)
+    family, pipe = load_base(settings.model, settings.family, dtype)
+    pipe.to(device)
+    specs = [spec for choice in choices.values() for spec in choice.loras]
+    load_adapters(pipe, family, specs)
+    set_scheduler(pipe, settings.scheduler)
+    settings.family = family.spec.name
+    if settings.steps is None:
+        settings.steps = pipeline_default(pipe, "num_inference_steps")
+    if settings.guidance is None:
+        settings.guidance = pipeline_default(pipe, "guidance_scale")
+    render_cells(
+        pipe,
+        cells,
+        choices,
+        batch_size=args.batch_size,
+        steps=settings.steps,
+        guidance=settings.guidance,
+        negative_prompt=settings.negative_prompt,
+        width=settings.width,
+        height=settings.height,
+        device=device,
+    )
+    return settings
+
+
+# --- tuner grid ------------------------------------------------------------------------------
+
+
+def cmd_grid(args) -> int:
+    quiet_progress(args)
+    if args.checkpoints:
+        output_dir = Path(args.checkpoints)
+        settings, prompts, seeds = recipe_settings(output_dir, args)
+        choices = checkpoint_choices(output_dir)
+        default_cols, default_scales = "step", [1.0]
+        out = Path(args.out) if args.out else output_dir / "samples" / "checkpoints.png"
+    else:
+        specs = lora_specs(args.lora)
+        model, family = base_model(args, specs)
+        settings = settings_from(args, model, family)
+        prompts, seeds = read_prompts(args), args.seed or [0]
+        several = len(specs) > 1
+        default_cols = "adapter,scale" if several else "scale"
+        default_scales = [0.0, 1.0] if specs else [1.0]
+        cols_text = args.cols or default_cols
+        choices = adapter_choices(
+            specs, each_alone="adapter" in axes(args.rows or "") + axes(cols_text)
+        )
+        out = Path(args.out or "grid.png")
+    if not prompts:
+        raise TunerError("grid: no prompt; give --prompt TEXT or --prompt-file FILE")
+    scales = parse_scales(args.scales) if args.scales else default_scales
+    rows, cols = axes(args.rows or "prompt,seed"), axes(args.cols or default_cols)
+    cells = grid_cells(prompts, seeds, scales, choices)
+    check_axes(cells, rows, cols)
+    settings = render(settings, cells, choices, args)
+    sheet, meta = make_grid(cells, rows, cols)
+    meta["settings"] = asdict(settings)
+    meta["adapters"] = {
+        label: [{"path": str(s.path), "scale": s.scale} for s in choice.loras]
+        for label, choice in choices.items()
+    }
+    save_grid(sheet, meta, out)
+    print(
+        f"grid: {out} ({meta['n_rows']} rows x {meta['n_cols']} cols), index "
+        f"{out.with_suffix('.json')}"
+    )
+    return 0
+
+
+def axes(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+def parse_scales(text: str) -> list[float]:
+    try:
+        return [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise TunerError(
+            f"--scales {text!r}: expected numbers separated by commas, e.g. 0,0.5,1"
+        ) from None
+
+
+def adapter_choices(specs: list[LoraSpec], each_alone: bool) -> dict[str, AdapterChoice]:
+    """One column per adapter (the `adapter` axis), or all adapters together."""
+    if each_alone:
+        return {s.label: AdapterChoice(s.label, [s]) for s in specs}
+    label = " + ".join(f"{s.label}:{s.scale:g}" for s in specs) or "base"
+    return {label: AdapterChoice(label, specs)}
+
+
+def recipe_settings(output_dir: Path, args) -> tuple[Settings, list[str], list[int]]:
+    """Base model, prompts, seeds and sampler settings from OUTPUT_DIR/recipe.yaml; flags win."""
+    from tuner.recipe import load_recipe
+
+    if not (output_dir / "recipe.yaml").is_file():
+        raise TunerError(
+            f"--checkpoints {output_dir}: no recipe.yaml there; point it at a training output.dir"
+        )
+    recipe = load_recipe(output_dir / "recipe.yaml")
+    sample = recipe.sample
+    settings = Settings(
+        model=args.model or recipe.model.path,
+        family=args.family or recipe.model.family,
+        negative_prompt=sample.negative_prompt if args.negative is None else args.negative,
+        steps=args.steps or sample.steps,
+        guidance=sample.guidance if args.guidance is None else args.guidance,
+        width=args.width or sample.width or recipe.data.resolution,
+        height=args.height or sample.height or recipe.data.resolution,
+        scheduler=args.scheduler or sample.scheduler,
+    )
+    prompts = read_prompts(args) or list(sample.prompts)
+    return settings, prompts, args.seed or list(sample.seeds)
+
+
+def checkpoint_choices(output_dir: Path) -> dict[str, AdapterChoice]:
+    """One adapter per saved checkpoint, oldest first, then the final adapter. A checkpoint
+    saved at the final step holds the same weights as the final adapter, so it is left out."""
+    from tuner.adapters.lora import WEIGHT_NAME
+    from tuner.inference.pipelines import adapter_file
+    from tuner.training.checkpoint import STEP_DIR, complete_checkpoints
+
+    found: dict[int | None, tuple[str, Path]] = {}
+    for folder in complete_checkpoints(output_dir):
+        if (folder / WEIGHT_NAME).is_file():
+            found[int(STEP_DIR.match(folder.name).group(1))] = (folder.name, folder / WEIGHT_NAME)
+    try:
+        final = adapter_file(output_dir)
+    except TunerError:
+        final = None
+    if final is not None:
+        step = final_step(output_dir, final)
+        found.pop(step, None)
+        found[step] = ("final", final)
+    if not found:
+        raise TunerError(
+            f"--checkpoints {output_dir}: no checkpoints/step-*/{WEIGHT_NAME} and "
+            "no final adapter; train with output.save_every > 0"
+        )
+    choices = {}
+    for i, (step, (label, path)) in enumerate(found.items()):
+        choices[label] = AdapterChoice(label, [LoraSpec(path, 1.0, f"ckpt{i}", label)], step)
+    return choices
+
+
+def final_step(output_dir: Path, adapter: Path) -> int | None:
+    from tuner.adapters.formats import read_adapter
+    from tuner.training.outputs import FINISHED
+
+    if (output_dir / FINISHED).is_file():
+        return json.loads((output_dir / FINISHED).read_text()).get("steps")
+    steps = read_adapter(adapter)[1].get("ss_steps")
+    return int(steps) if steps else None

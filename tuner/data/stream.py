@@ -1,0 +1,74 @@
+"""An endless, resumable stream of training batches.
+
+The sampler makes global batches (batch_size x processes) per epoch; each process takes its
+contiguous slice, so N processes with batch b see exactly the samples 1 process with batch N*b
+sees. Each batch carries the (epoch, position) after it, which is what a checkpoint records.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.data import DataLoader, Sampler
+
+from tuner.data.dataset import collate
+
+
+class KeyBatches(Sampler):
+    """Yields lists of dataset keys (index, epoch, position) for this process, forever."""
+
+    def __init__(self, sampler, epoch: int, position: int, rank: int, world: int):
+        self.sampler, self.epoch, self.position = sampler, epoch, position
+        self.rank, self.world = rank, world
+
+    def __iter__(self):
+        epoch, position = self.epoch, self.position
+        while True:
+            batches = self.sampler.batches_for_epoch(epoch)
+            while position < len(batches):
+                batch = batches[position]
+                position += 1
+                share = -(-len(batch) // self.world)
+                mine = batch[self.rank * share : (self.rank + 1) * share]
+                if len(batch) < self.world:
+                    continue  # a leftover too small to give every process a sample
+                yield [(index, epoch, position) for index in mine]
+            epoch, position = epoch + 1, 0
+
+
+def collate_with_position(groups):
+    batch = collate([samples for samples, _ in groups])
+    batch["epoch"], batch["position"] = groups[0][1]
+    return batch
+
+
+class KeyedDataset:
+    """Wraps TrainDataset so each sample also reports where the stream is."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __getitem__(self, key):
+        index, epoch, position = key
+        return self.dataset[key], (epoch, position)
+
+
+def batch_stream(dataset, sampler, state: dict, accelerator, num_workers: int):
+    key_batches = KeyBatches(
+        sampler,
+        state["epoch"],
+        state["position"],
+        accelerator.process_index,
+        accelerator.num_processes,
+    )
+    loader = DataLoader(
+        KeyedDataset(dataset),
+        batch_sampler=key_batches,
+        collate_fn=collate_with_position,
+        num_workers=num_workers,
+        pin_memory=accelerator.device.type == "cuda",
+        persistent_workers=num_workers > 0,
+        # Its own generator: creating the iterator must not draw from the
+        # global RNG, or a resumed run's LoRA dropout would drift.
+        generator=torch.Generator().manual_seed(sampler.seed),
+    )
+    return iter(loader)

@@ -1,0 +1,221 @@
+"""Labelled grids of rendered cells with a JSON index, and the training-time sample grid."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from PIL import Image, ImageDraw, ImageFont
+
+from tuner.devices import on_device
+from tuner.errors import TunerError
+from tuner.inference.render import Cell, png_info, render_batch, set_scheduler
+
+AXES = ("prompt", "seed", "scale", "step", "adapter")
+MIN_CELL = 192  # cells are upscaled (nearest) to at least this, so labels fit and pixels show
+GAP = 4
+
+
+def check_axes(cells: list[Cell], rows: tuple[str, ...], cols: tuple[str, ...]) -> None:
+    """Known axes, none in both rows and cols, and one cell per place (an axis that varies may
+    stay off the grid only when the chosen axes determine it, e.g. adapter by step)."""
+    for axis in rows + cols:
+        if axis not in AXES:
+            raise TunerError(f"grid axis {axis!r}: choose from {', '.join(AXES)}")
+    if set(rows) & set(cols):
+        raise TunerError(f"grid axes {sorted(set(rows) & set(cols))} are in both rows and cols")
+    places = {tuple(getattr(cell, a) for a in rows + cols) for cell in cells}
+    if len(places) < len(cells):
+        hidden = [
+            a
+            for a in AXES
+            if a not in rows + cols and len({getattr(cell, a) for cell in cells}) > 1
+        ]
+        raise TunerError(
+            f"grid: {' and '.join(hidden)} {'varies' if len(hidden) == 1 else 'vary'}"
+            " but is in neither --rows nor --cols; add it to one of them"
+        )
+
+
+def label_lines(cell: Cell, axes: tuple[str, ...]) -> list[str]:
+    lines = []
+    for axis in axes:
+        value = getattr(cell, axis)
+        lines.append(
+            f"{axis} {value:g}"
+            if axis == "scale"
+            else f"{axis} {value}"
+            if axis in ("seed", "step")
+            else str(value)
+        )
+    return lines
+
+
+def make_grid(
+    cells: list[Cell], rows: tuple[str, ...], cols: tuple[str, ...], min_cell: int = MIN_CELL
+):
+    """Lay out cells by their row and column keys; above each image, a band with one label
+    line per axis. Returns (sheet, index); the index gives every cell's box and settings."""
+    row_keys = list(dict.fromkeys(tuple(getattr(c, a) for a in rows) for c in cells))
+    col_keys = list(dict.fromkeys(tuple(getattr(c, a) for a in cols) for c in cells))
+    small_w, small_h = cells[0].image.size
+    factor = max(1, math.ceil(min_cell / min(small_w, small_h)))
+    width, height = small_w * factor, small_h * factor
+    font = _font(max(11, width // 16))
+    line_h = font.getbbox("Ag|")[3] + 3
+    axes = rows + cols
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    drawn = [
+        [part for line in label_lines(cell, axes) for part in _wrap(measure, line, font, width - 6)]
+        for cell in cells
+    ]
+    label_h = line_h * max(len(parts) for parts in drawn) + 4
+    pitch_x, pitch_y = width + GAP, label_h + height + GAP
+    sheet = Image.new(
+        "RGB", (pitch_x * len(col_keys) - GAP, pitch_y * len(row_keys) - GAP), "white"
+    )
+    draw = ImageDraw.Draw(sheet)
+    index = []
+    for cell, parts in zip(cells, drawn, strict=True):
+        r = row_keys.index(tuple(getattr(cell, a) for a in rows))
+        c = col_keys.index(tuple(getattr(cell, a) for a in cols))
+        x, y = c * pitch_x, r * pitch_y
+        lines = label_lines(cell, axes)
+        for i, part in enumerate(parts):
+            draw.text((x + 3, y + 2 + i * line_h), part, fill="black", font=font)
+        image = cell.image.convert("RGB")
+        if factor > 1:
+            image = image.resize((width, height), Image.NEAREST)
+        sheet.paste(image, (x, y + label_h))
+        index.append(
+            {
+                "row": r,
+                "col": c,
+                "label": " | ".join(lines),
+                "lines": lines,
+                "box": [x, y + label_h, width, height],
+                "label_box": [x, y, width, label_h],
+                **cell.settings(),
+            }
+        )
+    meta = {
+        "rows": list(rows),
+        "cols": list(cols),
+        "n_rows": len(row_keys),
+        "n_cols": len(col_keys),
+        "cell_width": width,
+        "cell_height": height,
+        "label_height": label_h,
+        "upscale": factor,
+        "gap": GAP,
+        "cells": index,
+    }
+    return sheet, meta
+
+
+def save_grid(sheet: Image.Image, meta: dict, path: Path) -> Path:
+    """The grid PNG and, beside it, the JSON index of every cell (same name, .json)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = {**meta, "image": path.name}
+    sheet.save(
+        path,
+        pnginfo=png_info(
+            {"grid": meta["rows"] + meta["cols"], "index": path.with_suffix(".json").name}
+        ),
+    )
+    path.with_suffix(".json").write_text(json.dumps(meta, indent=2))
+    return path
+
+
+def _font(size: int):
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1 has one fixed-size default font
+        return ImageFont.load_default()
+
+
+def _wrap(draw, text: str, font, width: int, max_lines: int = 2) -> list[str]:
+    """Greedy word wrap into at most max_lines; the last line is cut with an ellipsis."""
+    lines: list[str] = []
+    words = text.split(" ")
+    while words and len(lines) < max_lines - 1:
+        take = len(words)
+        while take > 1 and draw.textlength(" ".join(words[:take]), font=font) > width:
+            take -= 1
+        lines.append(_fit(draw, " ".join(words[:take]), font, width))
+        words = words[take:]
+    if words:
+        lines.append(_fit(draw, " ".join(words), font, width))
+    return lines or [""]
+
+
+def _fit(draw, text: str, font, width: int) -> str:
+    while text and draw.textlength(text, font=font) > width:
+        text = text[:-2] + "…" if len(text) > 2 else ""
+    return text
+
+
+# --- during training ------------------------------------------------------------------------
+
+
+GRID_BATCH = 4
+
+
+def training_grid(recipe, output_dir: Path, family, comps, step: int, accelerator) -> Path | None:
+    """Grid of the recipe's fixed prompts x seeds (rows) x adapter scales (columns)."""
+    prompts = recipe.sample.prompts
+    if not prompts:
+        return None
+    device = accelerator.device
+    pipe = family.build_pipeline(comps)
+    pipe.set_progress_bar_config(disable=True)
+    set_scheduler(pipe, recipe.sample.scheduler)
+    size = recipe.data.resolution
+    sample = recipe.sample
+    cells = [
+        Cell(p, seed, scale, step)
+        for p in prompts
+        for seed in sample.seeds
+        for scale in sample.scales
+    ]
+    was_training = comps.denoiser.training
+    comps.denoiser.eval()
+    # The encoders visit the device for this phase only (their outputs are cached).
+    with on_device([comps.vae, *comps.text_encoders.values()], device):
+        # Cells of one scale share pipeline calls (a few at a time, to bound memory); each keeps
+        # its own generator, so an image does not depend on its batch.
+        for scale in sample.scales:
+            same_scale = [cell for cell in cells if cell.scale == scale]
+            for start in range(0, len(same_scale), GRID_BATCH):
+                chunk = same_scale[start : start + GRID_BATCH]
+                images = render_batch(
+                    pipe,
+                    chunk,
+                    steps=sample.steps,
+                    guidance=sample.guidance,
+                    negative_prompt=sample.negative_prompt,
+                    width=sample.width or size,
+                    height=sample.height or size,
+                    device=device,
+                )
+                for cell, image in zip(chunk, images, strict=True):
+                    cell.image = image
+    comps.denoiser.train(was_training)
+    sheet, meta = make_grid(cells, ("prompt", "seed"), ("scale",))
+    path = save_grid(sheet, meta, Path(output_dir) / "samples" / f"step-{step:06d}.png")
+    _log_images(accelerator, sheet, step)
+    return path
+
+
+def _log_images(accelerator, sheet: Image.Image, step: int) -> None:
+    import numpy as np
+
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.writer.add_image("samples", np.asarray(sheet), step, dataformats="HWC")
+        elif tracker.name == "wandb":
+            import wandb
+
+            tracker.log({"samples": [wandb.Image(sheet)]}, step=step)

@@ -1,1 +1,0 @@
-"""Command-line tools beyond training: sampling, grids, export, merge, evaluation."""

@@ -1,0 +1,237 @@
+"""Training setup: one path for LoRA, DreamBooth and every family.
+
+Reads top to bottom: data (before any model loads, so data errors come first), model, cache,
+adapters, optimizer, data order, then the step loop (tuner/loop.py) and the outputs. Family
+differences are behind `family.*` calls only.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+
+from tuner import families
+from tuner.adapters import lora
+from tuner.data.cache import CachePlan, TensorCache, build_cache, default_cache_dir
+from tuner.data.dataset import TrainDataset
+from tuner.data.items import collect_items
+from tuner.data.sampler import BucketBatchSampler
+from tuner.data.stream import batch_stream
+from tuner.devices import place
+from tuner.recipe import Recipe
+from tuner.training import checkpoint, dreambooth
+from tuner.training.loop import Run, run_steps
+from tuner.training.optim import build_optimizer, build_scheduler
+from tuner.training.outputs import finish_outputs, prepare_output_dir
+
+log = logging.getLogger("tuner")
+DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass
+class TrainingResult:
+    output_dir: Path
+    family: object
+    comps: object  # the trained in-memory model (tests compare it with the saved files)
+    trained: dict
+    steps: int
+    log_times: list = None  # (step, wall time) at each log point; the .item() there syncs
+    peak_memory: int = 0  # bytes, CUDA only, training phase only
+    flops_per_step: float | None = None  # with count_flops
+
+
+def train(recipe: Recipe) -> Path:
+    """Train the recipe's adapter; returns the output directory."""
+    return run_training(recipe).output_dir
+
+
+def run_training(recipe: Recipe, *, count_flops: bool = False) -> TrainingResult:
+    """count_flops: count the first step's FLOPs (`tuner bench` reports MFU from it)."""
+    output_dir = Path(recipe.output.dir)
+    # The family's checks need no weights: a setting it cannot apply fails before anything
+    # is written into output.dir (a hub model without model.family is checked after loading).
+    family = families.known_for(recipe.model)
+    if family is not None:
+        family.validate(recipe)
+    resume_from = checkpoint.resolve_resume(recipe.train.resume, output_dir)
+    accelerator = Accelerator(
+        mixed_precision=recipe.train.mixed_precision,
+        gradient_accumulation_steps=recipe.train.grad_accum,
+        log_with=recipe.log.to or None,
+        project_dir=str(output_dir),
+    )
+    if accelerator.is_main_process:
+        prepare_output_dir(recipe, output_dir, resuming=resume_from is not None)
+    accelerator.wait_for_everyone()
+    set_seed(recipe.train.seed, device_specific=True)
+
+    # 1. Data first: a bad dataset fails before minutes of model loading.
+    extra_sources = dreambooth.instance_sources(recipe)
+    items, report = collect_items(recipe.data, extra_sources)
+    if accelerator.is_main_process:
+        log.info("%d training images in buckets:\n%s", len(items), report.histogram)
+
+    # 2. Model: frozen, in the compute dtype.
+    if family is None:
+        family = families.for_model(recipe.model)
+        family.validate(recipe)
+    dtype = DTYPES[recipe.train.mixed_precision]
+    comps = family.load(recipe.model, dtype)
+    comps = family.configure(comps, recipe)
+    comps.denoiser.requires_grad_(False)
+    for module in comps.frozen_modules().values():
+        module.requires_grad_(False).eval()
+    device = accelerator.device
+    class_items = dreambooth.class_items(recipe, family, comps, accelerator)
+
+    # 3. Encode once: latents and prompts go to the disk cache; encoders leave the GPU.
+    plan = cache_plan(recipe, comps)
+    with accelerator.main_process_first():
+        stats = build_cache(items + class_items, recipe.data, plan, family, comps, device)
+    if accelerator.is_main_process and (plan.latents or plan.texts):
+        log.info(
+            "cache: %d hit, %d made, %d skipped", stats["hit"], stats["made"], len(report.skipped)
+        )
+    place_frozen_modules(comps, plan, device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()  # report training's peak, not caching's
+
+    # 4. Adapters, optimizer, schedule. Re-seed: LoRA init must not depend on cache hits.
+    set_seed(recipe.train.seed)
+    trained = lora.inject(comps, recipe.adapter, family)
+    if recipe.train.gradient_checkpointing:
+        comps.denoiser.enable_gradient_checkpointing()
+    comps.denoiser.to(device)
+    optimizer = build_optimizer(parameter_groups(trained, family, recipe), recipe.train, device)
+    scheduler = build_scheduler(optimizer, recipe.train)
+    # Only the optimizer is prepared (mixed precision, grad scaler): the models are not wrapped
+    # in DDP; see loop.average_gradients.
+    optimizer = accelerator.prepare(optimizer)
+    if recipe.train.compile:
+        comps.denoiser.compile()  # in place: the module keeps its type, config and adapters
+    run = Run(
+        recipe,
+        accelerator,
+        family,
+        comps,
+        trained,
+        optimizer,
+        scheduler,
+        family.objective(comps, recipe.train),
+        None,
+        output_dir,
+        count_flops=count_flops,
+    )
+    if resume_from is not None:
+        run.state = checkpoint.load_training_state(resume_from, run)
+        log.info("resumed from %s at step %d", resume_from, run.state["step"])
+
+    # 5. Data order: resumes at the saved (epoch, position).
+    dataset = TrainDataset(items, recipe.data, plan, recipe.train.seed, class_items)
+    sampler = BucketBatchSampler(
+        [item.size for item in items],
+        recipe.train.batch_size * accelerator.num_processes,
+        seed=recipe.train.seed,
+    )
+    run.batches = batch_stream(dataset, sampler, run.state, accelerator, recipe.data.num_workers)
+    if accelerator.is_main_process and recipe.log.to:
+        accelerator.init_trackers(
+            recipe.log.project, config=flat_config(recipe), init_kwargs=tracker_kwargs(recipe)
+        )
+
+    # 6. Steps, then the outputs.
+    run_steps(run)
+    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else 0
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        finish_outputs(
+            recipe, output_dir, family, comps, trained, accelerator, run.state["step"], report
+        )
+    accelerator.end_training()
+    return TrainingResult(
+        output_dir,
+        family,
+        comps,
+        trained,
+        run.state["step"],
+        run.stats["log_times"],
+        peak,
+        run.stats["flops"],
+    )
+
+
+def cache_plan(recipe: Recipe, comps) -> CachePlan:
+    data = recipe.data
+    root = Path(data.cache_dir) if data.cache_dir else default_cache_dir()
+    latents = TensorCache(root, "latents") if data.cache else None
+    crop = data.crop
+    if latents is not None and crop == "random":
+        log.warning(
+            "data.crop=random is off while latents are cached (one crop is cached); "
+            "set data.cache=false to train on random crops"
+        )
+        crop = "center"
+    texts = TensorCache(root, "text") if data.cache else None
+    if texts is not None and recipe.adapter.text_encoder:
+        texts = None  # the text encoders train, so their outputs change every step
+    if texts is not None and data.shuffle_tags:
+        log.warning(
+            "data.shuffle_tags makes every step's prompt different: prompts are "
+            "encoded each step instead of cached"
+        )
+        texts = None
+    return CachePlan(latents, texts, comps.identity, crop)
+
+
+def place_frozen_modules(comps, plan: CachePlan, device) -> None:
+    """Encoders whose outputs are cached stay on the CPU during training; the others join the
+    denoiser on the device."""
+    place([comps.vae], "cpu" if plan.latents is not None else device)
+    place(comps.text_encoders.values(), "cpu" if plan.texts is not None else device)
+
+
+def parameter_groups(trained, family, recipe: Recipe) -> list[dict]:
+    groups = [
+        {
+            "params": lora.trainable_parameters(trained[family.spec.denoiser]),
+            "lr": recipe.train.lr,
+            "name": "denoiser",
+        }
+    ]
+    for name, module in trained.items():
+        if name != family.spec.denoiser:
+            groups.append(
+                {
+                    "params": lora.trainable_parameters(module),
+                    "lr": recipe.adapter.text_encoder_lr or recipe.train.lr,
+                    "name": name,
+                }
+            )
+    return groups
+
+
+def flat_config(recipe: Recipe) -> dict:
+    """Dotted keys with scalar values: what tensorboard's hparams and wandb both accept."""
+    flat = {}
+
+    def walk(prefix: str, value) -> None:
+        if isinstance(value, dict):
+            for key, inner in value.items():
+                walk(f"{prefix}.{key}" if prefix else key, inner)
+        elif isinstance(value, (int, float, str, bool)):
+            flat[prefix] = value
+        else:
+            flat[prefix] = str(value)
+
+    walk("", recipe.model_dump(mode="json"))
+    return flat
+
+
+def tracker_kwargs(recipe: Recipe) -> dict:
+    name = recipe.log.run_name or Path(recipe.output.dir).name
+    return {"wandb": {"name": name, "dir": recipe.output.dir}}
