@@ -29,6 +29,10 @@ install_torch() {
   fi
 }
 
+# The install reflects pyproject.toml (dependencies, entry points) as of its last install.
+install_stamp() { sha256sum "$ROOT/pyproject.toml" | cut -d' ' -f1; }
+STAMP="$VENV/.tuner-pyproject"
+
 ensure_env() {
   local extra="$1"
   local py="python3"
@@ -36,6 +40,7 @@ ensure_env() {
   # Checked from / so that the source folder itself does not count as "installed".
   if (cd / && "$py" -c "import sys, torch, diffusers, peft, accelerate, tuner
 sys.exit(0 if tuner.__file__.startswith('$ROOT') else 1)") 2>/dev/null \
+      && { [ "$py" != "$VENV/bin/python" ] || [ "$(cat "$STAMP" 2>/dev/null)" = "$(install_stamp)" ]; } \
       && { [ -z "$extra" ] || (cd / && "$py" -c "import pytest, ruff, wandb") 2>/dev/null; }; then
     PY="$py"; return
   fi
@@ -48,6 +53,7 @@ sys.exit(0 if tuner.__file__.startswith('$ROOT') else 1)") 2>/dev/null \
   install_torch "$PY"
   say "installing tuner${extra:+ with [$extra]}"
   "$PY" -m pip install -q -e "$ROOT${extra:+[$extra]}"
+  install_stamp > "$STAMP"
 }
 
 gpu_count() {

@@ -65,4 +65,5 @@ def builtin_name(path: str) -> str | None:
 
 
 def lookup(name: str) -> Builtin | None:
-    return all_builtins().get(name)
+    """The table first: plugins are loaded only for names it does not hold."""
+    return TABLE.get(name) or all_builtins().get(name)

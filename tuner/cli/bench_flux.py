@@ -1,7 +1,7 @@
 """Flux.1 LoRA training step on the real architecture: peak GPU memory and seconds per step.
 
-    python -m tuner.tools.bench_flux                      # dev, NF4, 1024^2, rank 16, 8-bit AdamW
-    python -m tuner.tools.bench_flux --quantize none      # the bf16 baseline
+    python -m tuner.cli.bench_flux                      # dev, NF4, 1024^2, rank 16, 8-bit AdamW
+    python -m tuner.cli.bench_flux --quantize none      # the bf16 baseline
 
 Only the transformer is built (random init from the FLUX.1 config, no download); the text
 embeddings are random tensors of the cached shapes (T5 512 x 4096, CLIP pooled 768) and the
@@ -25,7 +25,7 @@ import torch
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m tuner.tools.bench_flux", description=__doc__.splitlines()[0]
+        prog="python -m tuner.cli.bench_flux", description=__doc__.splitlines()[0]
     )
     parser.add_argument("--variant", choices=("dev", "schnell"), default="dev")
     parser.add_argument("--quantize", choices=("nf4", "int8", "none"), default="nf4")

@@ -2,7 +2,7 @@
 
 Reads the run's recipe.yaml (base model, sampling settings, training captions, dreambooth
 section) and its adapter, renders every prompt group with the base model and with the adapter,
-lets the toy judge label the samples and reports the metrics of tuner.evaluate (optionally
+lets the toy judge label the samples and reports the metrics of tuner.toy.metrics (optionally
 CLIP/DINO scores from local weights). Writes OUTPUT_DIR/eval/eval.json and eval/grid.png.
 """
 
