@@ -18,6 +18,8 @@ from tuner.families.detection import family_from_file, family_from_hub
 from tuner.recipe import ModelSection, load_recipe, validate_recipe
 
 REPO = Path(__file__).resolve().parents[2]
+
+
 def test_registry_is_built_from_the_family_files():
     """Every module of tuner/families/ but the shared ones defines a family, and the registry
     holds exactly those: a new family file needs no other registration."""
