@@ -115,10 +115,14 @@ def test_check_error_is_one_line_without_traceback(tmp_path, capsys):
 @pytest.mark.parametrize(
     "recipe", sorted(p.relative_to(REPO).as_posix() for p in (REPO / "recipes").rglob("*.yaml"))
 )
-def test_every_shipped_recipe_validates(recipe, monkeypatch):
+def test_every_shipped_recipe_validates(recipe, monkeypatch, capsys, caplog):
     monkeypatch.chdir(REPO)
-    loaded = load_recipe(recipe)
+    with caplog.at_level("WARNING", logger="tuner"):
+        loaded = load_recipe(recipe)
     assert loaded.train.steps >= 1
+    # `tuner check` also runs the family's own checks when the family is known offline.
+    assert main(["check", recipe]) == 0, capsys.readouterr().err
+    assert "deprecated" not in caplog.text  # shipped recipes use train.flow
 
 
 @pytest.mark.parametrize(
