@@ -24,7 +24,12 @@ class FluxFamily(FamilyBase):
         denoiser="transformer",
         default_targets=mmdit.JOINT_ATTENTION,
         default_resolution=1024,
-        recognize=Recognition(pipelines=("FluxPipeline",), file_keys=("double_blocks",)),
+        recognize=Recognition(
+            pipelines=("FluxPipeline",),
+            file_keys=("double_blocks",),
+            # Chroma checkpoints have double blocks too, and an approximator Flux never has.
+            file_keys_absent=("distilled_guidance_layer",),
+        ),
         export=ExportNaming(
             kohya_prefixes=mmdit.MMDIT_KOHYA_PREFIXES,
             kohya_base_version="flux1",
