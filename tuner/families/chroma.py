@@ -120,19 +120,29 @@ def joint_attention_mask(text_mask: torch.Tensor, image_tokens: int) -> torch.Te
 def single_blocks_get_the_mask(transformer, mask: torch.Tensor):
     """With gradient checkpointing, diffusers' Chroma forward calls the single blocks without
     the attention mask (the double blocks and the plain path pass it); give it back, so that a
-    checkpointed step computes what sampling does."""
+    checkpointed step computes what sampling does. The checkpoint function is installed once
+    (a stable object for torch.compile) and holds the mask for one call."""
     if not (getattr(transformer, "gradient_checkpointing", False) and torch.is_grad_enabled()):
         yield
         return
-    plain = transformer._gradient_checkpointing_func
-
-    def checkpoint(block, *args):
-        if isinstance(block, ChromaSingleTransformerBlock) and len(args) == 3:
-            args = (*args, mask)  # (hidden_states, temb, image_rotary_emb) + attention_mask
-        return plain(block, *args)
-
-    transformer._gradient_checkpointing_func = checkpoint
+    masked = transformer._gradient_checkpointing_func
+    if not isinstance(masked, MaskedCheckpoint):
+        masked = MaskedCheckpoint(masked)
+        transformer._gradient_checkpointing_func = masked
+    masked.mask = mask
     try:
         yield
     finally:
-        transformer._gradient_checkpointing_func = plain
+        masked.mask = None
+
+
+class MaskedCheckpoint:
+    """diffusers' checkpoint function, adding the attention mask to single-block calls."""
+
+    def __init__(self, plain):
+        self.plain, self.mask = plain, None
+
+    def __call__(self, block, *args):
+        if isinstance(block, ChromaSingleTransformerBlock) and len(args) == 3:
+            args = (*args, self.mask)  # (hidden_states, temb, image_rotary_emb) + attention_mask
+        return self.plain(block, *args)
