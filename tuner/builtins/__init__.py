@@ -43,6 +43,12 @@ TABLE: dict[str, Builtin] = {
     "arch-sd35": Builtin("sd3", lazy("tuner.builtins.sd3", "build_arch_sd35")),
     "tiny-flux": Builtin("flux", lazy("tuner.builtins.flux", "build_tiny_flux")),
     "arch-flux-dev": Builtin("flux", lazy("tuner.builtins.flux", "build_arch_flux", "dev")),
+    "tiny-qwen-image": Builtin(
+        "qwen-image", lazy("tuner.builtins.qwen_image", "build_tiny_qwen_image")
+    ),
+    "arch-qwen-image": Builtin(
+        "qwen-image", lazy("tuner.builtins.qwen_image", "build_arch_qwen_image")
+    ),
 }
 
 
