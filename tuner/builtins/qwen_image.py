@@ -186,6 +186,9 @@ def build_tiny_qwen_image() -> dict:
         axes_dims_rope=(4, 6, 6),
     )
     vae = AutoencoderKLQwenImage(base_dim=8, z_dim=16, num_res_blocks=1)
+    with torch.no_grad():  # a random decoder outputs near-constant gray; a trained one spans
+        vae.decoder.conv_out.weight.mul_(4)  # [-1, 1]: this gain gives std ~0.4, so the
+        vae.decoder.conv_out.bias.mul_(4)  # tests see what a latent change does to an image
     return {
         "transformer": transformer,
         "vae": vae,
