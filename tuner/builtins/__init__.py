@@ -45,6 +45,12 @@ TABLE: dict[str, Builtin] = {
     "arch-flux-dev": Builtin("flux", lazy("tuner.builtins.flux", "build_arch_flux", "dev")),
     "tiny-chroma": Builtin("chroma", lazy("tuner.builtins.chroma", "build_tiny_chroma")),
     "arch-chroma": Builtin("chroma", lazy("tuner.builtins.chroma", "build_arch_chroma")),
+    "tiny-qwen-image": Builtin(
+        "qwen-image", lazy("tuner.builtins.qwen_image", "build_tiny_qwen_image")
+    ),
+    "arch-qwen-image": Builtin(
+        "qwen-image", lazy("tuner.builtins.qwen_image", "build_arch_qwen_image")
+    ),
 }
 
 
