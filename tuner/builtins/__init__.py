@@ -43,6 +43,8 @@ TABLE: dict[str, Builtin] = {
     "arch-sd35": Builtin("sd3", lazy("tuner.builtins.sd3", "build_arch_sd35")),
     "tiny-flux": Builtin("flux", lazy("tuner.builtins.flux", "build_tiny_flux")),
     "arch-flux-dev": Builtin("flux", lazy("tuner.builtins.flux", "build_arch_flux", "dev")),
+    "tiny-z-image": Builtin("z-image", lazy("tuner.builtins.z_image", "build_tiny_z_image")),
+    "arch-z-image": Builtin("z-image", lazy("tuner.builtins.z_image", "build_arch_z_image")),
 }
 
 
