@@ -217,7 +217,7 @@ def test_every_comfy_name_is_one_comfyui_maps():
 
 
 def test_odd_aspect_ratio_trains_in_its_bucket(tmp_path, make_recipe):
-    """Bucket sides step by VAE scale x patch (2 x 2 for the tiny model, 16 for the real one):
+    """Bucket sides step by VAE scale x patch size (8 x 2, for the tiny model as the real one):
     a 3:2 image trains at a non-square latent; a step that is no such multiple is refused."""
     data = tmp_path / "wide"
     data.mkdir()
@@ -228,7 +228,8 @@ def test_odd_aspect_ratio_trains_in_its_bucket(tmp_path, make_recipe):
         *FAST,
         f"data.datasets.0.path={data}",
         "train.batch_size=1",
-        "data.buckets={step: 8, min_side: 16}",
+        "data.resolution=64",
+        "data.buckets={step: 16, min_side: 16}",
         base=NAME,
     )
     family, comps = load()
@@ -244,9 +245,9 @@ def test_odd_aspect_ratio_trains_in_its_bucket(tmp_path, make_recipe):
     finally:
         type(family).predict = original
     ((h, w),) = set(seen)
-    assert w > h and (2 * h) % 8 == 0 and (2 * w) % 8 == 0  # latent x VAE scale 2: step 8
+    assert (8 * h, 8 * w) == (48, 80)  # latent x VAE scale 8: the 3:2 bucket of area 64^2
     with pytest.raises(TunerError, match="data.buckets.step"):
-        family.configure(comps, make_recipe(*FAST, "data.buckets={step: 10}", base=NAME))
+        family.configure(comps, make_recipe(*FAST, "data.buckets={step: 24}", base=NAME))
 
 
 def test_loads_from_a_diffusers_folder(tmp_path):

@@ -12,10 +12,10 @@ from __future__ import annotations
 from functools import lru_cache
 
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler, ZImageTransformer2DModel
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImageTransformer2DModel
 from transformers import Qwen2Tokenizer, Qwen3Config, Qwen3Model
 
-from tuner.builtins.parts import default_dtype, mmdit_vae, tiny_vae
+from tuner.builtins.parts import default_dtype, mmdit_vae
 from tuner.builtins.tokenizers import _byte_symbols
 
 # The FLUX.1 VAE's latent statistics: Z-Image ships the same 16-channel VAE.
@@ -104,6 +104,25 @@ def z_image_transformer_config() -> dict:
     }
 
 
+def tiny_vae_x8() -> AutoencoderKL:
+    """A toy 16-channel VAE that downsamples 8x like the real one. ZImagePipeline renders at
+    1024x1024 unless told otherwise (it does not derive a size from the model's configs), so
+    `tuner sample` on the tiny model decodes 128x128 latents (4096 image tokens) in seconds on
+    a CPU; bucket sides step by 16, as for the real model."""
+    return AutoencoderKL(
+        block_out_channels=(8, 8, 16, 16),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        latent_channels=16,
+        layers_per_block=1,
+        norm_num_groups=8,
+        sample_size=64,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        **Z_IMAGE_LATENT_STATS,
+    )
+
+
 def build_tiny_z_image() -> dict:
     torch.manual_seed(11)
     transformer = ZImageTransformer2DModel(
@@ -117,7 +136,7 @@ def build_tiny_z_image() -> dict:
         n_kv_heads=2,
         cap_feat_dim=32,
         axes_dims=[4, 6, 6],
-        axes_lens=[1024, 128, 128],
+        axes_lens=[1536, 512, 512],
     )
     text_encoder = Qwen3Model(
         qwen3_config(
@@ -133,9 +152,7 @@ def build_tiny_z_image() -> dict:
     ).eval()
     return {
         "transformer": transformer,
-        "vae": tiny_vae(
-            16, **Z_IMAGE_LATENT_STATS, use_quant_conv=False, use_post_quant_conv=False
-        ),
+        "vae": tiny_vae_x8(),
         "text_encoder": text_encoder,
         "tokenizer": offline_qwen_tokenizer(),
         "scheduler": z_image_scheduler(),
