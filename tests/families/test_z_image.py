@@ -348,3 +348,28 @@ def test_quickstart_recipe_trains(tmp_path, monkeypatch):
     result = run_training(loaded)
     assert (result.output_dir / lora.WEIGHT_NAME).is_file()
     assert (result.output_dir / lora.KOHYA_WEIGHT_NAME).is_file()
+
+
+def test_dreambooth_with_prior_preservation(make_recipe, tmp_path):
+    """Class images rendered by the base pipeline (no CFG, as Turbo samples), then instance and
+    class prompts of different token counts trained in one batch."""
+    class_dir = tmp_path / "class"
+    recipe = make_recipe(
+        *FAST,
+        "~data.datasets",
+        f"dreambooth.instance_dir={REPO / 'datasets' / 'toy-subject'}",
+        "dreambooth.instance_prompt=a sks circle",
+        "dreambooth.class_prompt=a circle drawn on paper",
+        "dreambooth.num_class_images=2",
+        f"dreambooth.class_dir={class_dir}",
+        "dreambooth.class_generation_steps=2",
+        "sample.guidance=0.0",
+        base=NAME,
+    )
+    result = run_training(recipe)
+    assert sorted(p.name for p in class_dir.glob("*.png")) == ["class-00000.png", "class-00001.png"]
+    family, comps = load()
+    pipe = family.build_pipeline(comps)
+    base = render(pipe)
+    load_adapters(pipe, family, lora_specs([str(result.output_dir)]))
+    assert (render(pipe) - base).abs().max() > 1e-3
