@@ -373,3 +373,46 @@ def test_dreambooth_with_prior_preservation(make_recipe, tmp_path):
     base = render(pipe)
     load_adapters(pipe, family, lora_specs([str(result.output_dir)]))
     assert (render(pipe) - base).abs().max() > 1e-3
+
+
+def original_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A diffusers Z-Image transformer state dict in the released single file's names (fused
+    attention.qkv, attention.out, q_norm/k_norm, final_layer, x_embedder)."""
+    renames = {
+        ".attention.to_out.0.": ".attention.out.",
+        ".attention.norm_q.": ".attention.q_norm.",
+        ".attention.norm_k.": ".attention.k_norm.",
+        "all_final_layer.2-1.": "final_layer.",
+        "all_x_embedder.2-1.": "x_embedder.",
+    }
+    out = {}
+    for key, value in state.items():
+        if ".attention.to_k." in key or ".attention.to_v." in key:
+            continue
+        if ".attention.to_q." in key:
+            parts = [state[key.replace("to_q", name)] for name in ("to_q", "to_k", "to_v")]
+            out[key.replace(".to_q.", ".qkv.")] = torch.cat(parts)
+            continue
+        for old, new in renames.items():
+            key = key.replace(old, new)
+        out[key] = value.clone()
+    return out
+
+
+def test_loads_a_single_file_transformer(tmp_path):
+    """The released single file is the transformer alone, in original names: it is detected,
+    converted by diffusers, and the rest of the pipeline comes from model.config."""
+    family, comps = load()
+    family.build_pipeline(comps).save_pretrained(tmp_path / "model")
+    file = tmp_path / "z_image_turbo_bf16.safetensors"
+    save_file(original_names(comps.denoiser.state_dict()), file)
+    spec = ModelSection(path=str(file), config=str(tmp_path / "model"))
+    assert families.for_model(spec).spec.name == "z-image"
+    loaded = family.load(spec, torch.float32)
+    assert loaded.architecture == "z-image-turbo"  # named so: training warns
+    expected = comps.denoiser.state_dict()
+    for key, value in loaded.denoiser.state_dict().items():
+        assert torch.equal(value, expected[key]), key
+    torch.testing.assert_close(
+        render(family.build_pipeline(loaded)), render(family.build_pipeline(comps))
+    )

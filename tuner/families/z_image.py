@@ -27,13 +27,14 @@ supported.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import torch
 from diffusers import ZImageTransformer2DModel
 
 from tuner.adapters import formats
 from tuner.errors import TunerError
-from tuner.families import mmdit
+from tuner.families import mmdit, quantize
 from tuner.families.base import (
     UNET_ATTENTION,
     Components,
@@ -43,6 +44,7 @@ from tuner.families.base import (
     Recognition,
     replace,
 )
+from tuner.families.loading import load_pipeline_modules, model_identity, source_kind
 
 log = logging.getLogger("tuner")
 
@@ -51,6 +53,7 @@ DEFAULT_SEQUENCE_LENGTH = 512  # ZImagePipeline's max_sequence_length
 # the released transformer has 1536 of them.
 MAX_SEQUENCE_LENGTH = 1024
 COMFY_PREFIX = "diffusion_model."
+TURBO_REPO = "Tongyi-MAI/Z-Image-Turbo"  # where a single file's other components come from
 
 
 def comfy_lora(state: dict[str, torch.Tensor], metadata: dict[str, str]) -> dict:
@@ -137,7 +140,10 @@ class ZImageFamily(FamilyBase):
             )
 
     def load(self, model, dtype: torch.dtype) -> Components:
-        comps = mmdit.load_mmdit(self, model, dtype, ZImageTransformer2DModel)
+        if source_kind(model.path) == "file":
+            comps = load_single_file(self, model, dtype)
+        else:
+            comps = mmdit.load_mmdit(self, model, dtype, ZImageTransformer2DModel)
         return replace(
             comps,
             architecture="z-image-turbo" if is_turbo(model.path) else "z-image",
@@ -183,6 +189,36 @@ class ZImageFamily(FamilyBase):
             return_dict=False,
         )[0]
         return -torch.stack(out, dim=0).squeeze(2)
+
+
+def load_single_file(family, model, dtype: torch.dtype) -> Components:
+    """A single-file Z-Image checkpoint holds the transformer only (original names: fused
+    attention.qkv; diffusers converts them). Qwen3, its tokenizer, the VAE and the scheduler come
+    from model.config (a diffusers folder or hub id; default: the Turbo repo's)."""
+    config = model.config or TURBO_REPO
+    kind = model.quantize
+    path = str(Path(model.path).expanduser())
+    if kind != "none":
+        quantize.require_quantizable(kind)
+        transformer = quantize.load_quantized(
+            ZImageTransformer2DModel, model.model_copy(update={"config": config}), kind, dtype
+        )
+    else:
+        try:
+            transformer = ZImageTransformer2DModel.from_single_file(
+                path, config=config, subfolder="transformer", torch_dtype=dtype
+            )
+        except (OSError, ValueError) as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+            raise TunerError(
+                f"model.path: could not load {Path(path).name} as a Z-Image transformer "
+                f"({first}); set model.config to a Z-Image diffusers folder or hub id"
+            ) from None
+    rest = model.model_copy(update={"path": config, "config": None})
+    pipe = load_pipeline_modules(family, rest, dtype, {"transformer": transformer})
+    if kind != "none":
+        quantize.park(pipe.transformer, kind)
+    return family.components_from_pipeline(pipe, model_identity(family.spec.name, model), dtype)
 
 
 def pad_embeddings(embeds: list[torch.Tensor], length: int) -> dict[str, torch.Tensor]:
