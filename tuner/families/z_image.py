@@ -15,13 +15,16 @@ length (train.max_sequence_length, default 512: the pipeline's) with a boolean `
 `predict` cuts every embedding back to its masked length, so the transformer sees exactly what
 the pipeline gives it (Qwen3 is causal and masked: padding never changes the kept states).
 
-Z-Image-Turbo is step-distilled (8 steps, no classifier-free guidance). A LoRA trained on it
-directly slowly undoes the distillation: samples at 8 steps lose detail and drift towards the
-undistilled look. Peers either train on the base model (Tongyi-MAI/Z-Image) and apply the LoRA
-to Turbo, or (ai-toolkit) train Turbo with a de-distillation "training adapter" merged in, and
-removed at inference. tuner has no such adapter: on Turbo it trains plain LoRA (fine for short
-style/subject runs) and warns once; full fine-tuning and distillation-preserving training are not
-supported.
+Z-Image-Turbo is step-distilled (8 transformer calls, no classifier-free guidance). A LoRA
+trained on it directly slowly undoes the distillation: 8-step samples lose detail as a run goes
+on. The remedies are training on the base model (Tongyi-MAI/Z-Image) and applying the LoRA to
+Turbo, or, as ai-toolkit does, training Turbo with a de-distillation "training adapter" merged
+in and removed at inference. tuner has no such adapter: on Turbo it trains plain LoRA (fine for
+short style/subject runs) and warns once; full fine-tuning and distillation-preserving training
+are not supported.
+
+Single files: the released checkpoint is the transformer alone (original names); the Qwen3
+encoder, tokenizer, VAE and scheduler come from model.config (default: the Turbo repo).
 """
 
 from __future__ import annotations
