@@ -112,6 +112,14 @@ def to_kohya(
     return out
 
 
+def to_comfy(state: dict[str, torch.Tensor], metadata: dict[str, str], export) -> dict:
+    """The kohya/ComfyUI file's tensors: the family's own layout (ExportNaming.comfy_layout)
+    where it has one, else kohya names."""
+    if export.comfy_layout is not None:
+        return export.comfy_layout(state, metadata)
+    return to_kohya(state, metadata, export.kohya_prefixes)
+
+
 def kohya_names(family, comps) -> dict[str, tuple[str, str]]:
     """kohya module name -> (pipeline component, module name) for every layer of a model."""
     components = {family.spec.denoiser: comps.denoiser, **comps.text_encoders}

@@ -51,6 +51,8 @@ TABLE: dict[str, Builtin] = {
     "arch-qwen-image": Builtin(
         "qwen-image", lazy("tuner.builtins.qwen_image", "build_arch_qwen_image")
     ),
+    "tiny-z-image": Builtin("z-image", lazy("tuner.builtins.z_image", "build_tiny_z_image")),
+    "arch-z-image": Builtin("z-image", lazy("tuner.builtins.z_image", "build_arch_z_image")),
 }
 
 

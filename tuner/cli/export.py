@@ -96,7 +96,7 @@ def convert(
     kept = formats.carried_metadata(metadata)
     if fmt == "kohya":
         fam = family_of(metadata, family, model)
-        kohya = formats.to_kohya(state, metadata, fam.spec.export.kohya_prefixes)
+        kohya = formats.to_comfy(state, metadata, fam.spec.export)
         return formats.write_safetensors(kohya, out, kept)
     fam, comps = base_components(metadata, family, model)
     layers, configs = formats.kohya_to_diffusers(state, formats.kohya_names(fam, comps))

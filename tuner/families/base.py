@@ -65,6 +65,9 @@ class ExportNaming:
         pipeline's loader reads back without dropping layers.
     comfy_file: which file we write that ComfyUI loads at the trained strength ("kohya" or
         "diffusers"); the model card and README name it.
+    comfy_layout: for a family whose ComfyUI names are not `<kohya prefix>_<module>`: a function
+        (diffusers-format state dict, its metadata) -> the tensors of the kohya/ComfyUI file,
+        written instead of `formats.to_kohya`'s (None: kohya names from kohya_prefixes).
     """
 
     kohya_prefixes: Mapping[str, str]
@@ -72,6 +75,7 @@ class ExportNaming:
     modelspec_architecture: str
     lora_key_naming: Literal["diffusers", "peft"] = "diffusers"
     comfy_file: Literal["kohya", "diffusers"] = "kohya"
+    comfy_layout: Callable[[dict, dict], dict] | None = None
 
 
 @dataclass(frozen=True)

@@ -76,7 +76,7 @@ def write_outputs(
     adapter_file = lora.save_adapter(output_dir, family, trained, extra_metadata=meta)
     if kohya_export_possible(recipe):
         state, file_meta = formats.read_adapter(adapter_file)
-        kohya = formats.to_kohya(state, file_meta, family.spec.export.kohya_prefixes)
+        kohya = formats.to_comfy(state, file_meta, family.spec.export)
         formats.write_safetensors(kohya, output_dir / lora.KOHYA_WEIGHT_NAME, meta)
     if "diffusers" not in recipe.output.formats:
         adapter_file.unlink()
