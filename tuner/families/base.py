@@ -65,6 +65,14 @@ class ExportNaming:
         pipeline's loader reads back without dropping layers.
     comfy_file: which file we write that ComfyUI loads at the trained strength ("kohya" or
         "diffusers"); the model card and README name it.
+    diffusers_alpha: where the diffusers-layout file keeps alpha, so that every program
+        reading that layout applies the trained strength. "metadata": only in diffusers'
+        LoraConfig metadata (the UNet families: diffusers' SD loaders refuse `.alpha` keys, and
+        ComfyUI does not map that layout's UNet attention names, so it reads the kohya file);
+        "tensors": `<module>.alpha` tensors and no LoraConfig metadata (Flux: ComfyUI reads
+        them, and diffusers' Flux loader takes them but refuses them beside the metadata);
+        "folded": alpha / rank multiplied into the up weights, metadata at scale 1 (SD3:
+        diffusers' SD3 loader refuses `.alpha` keys; ComfyUI then reads scale 1, which is right).
     """
 
     kohya_prefixes: Mapping[str, str]
@@ -72,6 +80,7 @@ class ExportNaming:
     modelspec_architecture: str
     lora_key_naming: Literal["diffusers", "peft"] = "diffusers"
     comfy_file: Literal["kohya", "diffusers"] = "kohya"
+    diffusers_alpha: Literal["metadata", "tensors", "folded"] = "metadata"
 
 
 @dataclass(frozen=True)
