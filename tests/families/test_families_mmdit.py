@@ -147,7 +147,7 @@ def test_flux_comfy_export_loads_like_the_diffusers_file(make_recipe):
     )
     assert {float(v) for k, v in kohya.items() if k.endswith(".alpha")} == {2.0}
     pipes = []
-    # The diffusers file carries alpha in its metadata; the kohya dict in its `.alpha` tensors.
+    # Both carry alpha as `.alpha` tensors (Flux's diffusers file: see ExportNaming).
     for weights in (str(result.output_dir / lora.WEIGHT_NAME), kohya):
         family, comps = load("tiny-flux")
         pipes.append(family.build_pipeline(comps))

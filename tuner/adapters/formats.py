@@ -27,6 +27,9 @@ KOHYA_LORA = re.compile(
     r"^(?P<prefix>lora_[a-z0-9]+?)_(?P<module>[^.]+)\."
     r"(?P<kind>lora_down|lora_up|alpha)(?:\.weight)?$"
 )
+# A module's kohya-style alpha inside a diffusers-layout file (`transformer.<module>.alpha`):
+# what ComfyUI reads there, and diffusers' Flux loader too (see ExportNaming.diffusers_alpha).
+DIFFUSERS_ALPHA = re.compile(r"^(?P<component>[a-z_0-9]+?)\.(?P<module>.+)\.alpha$")
 DOWN_KINDS = ("lora.down", "lora_A", "lora_linear_layer.down")
 # A1111 and ComfyUI name CLIP text-encoder layers under the `text_model.` wrapper, which
 # transformers 5 dropped from CLIPTextModel; we always write the wrapper so webui loaders (and
@@ -50,9 +53,18 @@ def adapter_format(state: dict[str, torch.Tensor]) -> str:
     """'diffusers' or 'kohya', from the key names."""
     if state and all(KOHYA_LORA.match(k) for k in state):
         return "kohya"
-    if state and all(DIFFUSERS_LORA.match(k) for k in state):
+    if any(DIFFUSERS_LORA.match(k) for k in state) and all(
+        DIFFUSERS_LORA.match(k) or DIFFUSERS_ALPHA.match(k) for k in state
+    ):
         return "diffusers"
-    odd = next((k for k in state if not (KOHYA_LORA.match(k) or DIFFUSERS_LORA.match(k))), "")
+    odd = next(
+        (
+            k
+            for k in state
+            if not (KOHYA_LORA.match(k) or DIFFUSERS_LORA.match(k) or DIFFUSERS_ALPHA.match(k))
+        ),
+        "",
+    )
     raise TunerError(
         f"not a plain LoRA in diffusers or kohya layout (key {odd!r}); DoRA, LoHa "
         "and LoKr files are loaded by diffusers directly but not converted here"
@@ -90,10 +102,20 @@ def kohya_module_name(component: str, module: str, prefixes: dict[str, str]) -> 
 def to_kohya(
     state: dict[str, torch.Tensor], metadata: dict[str, str], prefixes: dict[str, str]
 ) -> dict[str, torch.Tensor]:
-    """diffusers-format LoRA -> kohya names with `.alpha` tensors."""
-    configs = lora_configs(metadata)
+    """diffusers-format LoRA -> kohya names with `.alpha` tensors. A module's alpha is its
+    `.alpha` tensor where the file has one, else what the file's LoraConfig gives it."""
+    return kohya_layers(state, lora_configs(metadata), prefixes)
+
+
+def kohya_layers(
+    state: dict[str, torch.Tensor], configs: dict[str, dict], prefixes: dict[str, str]
+) -> dict[str, torch.Tensor]:
+    """`component.module.<lora kind>.weight` tensors (+ optional `component.module.alpha`)
+    and component -> LoraConfig dict -> kohya names with `.alpha` tensors."""
     out: dict[str, torch.Tensor] = {}
     for key, tensor in state.items():
+        if DIFFUSERS_ALPHA.match(key):
+            continue  # read with its module's down weight
         match = DIFFUSERS_LORA.match(key)
         if match is None:
             raise TunerError(
@@ -107,7 +129,12 @@ def to_kohya(
         down = match["kind"] in DOWN_KINDS
         out[f"{base}.{'lora_down' if down else 'lora_up'}.weight"] = tensor.contiguous()
         if down:
-            alpha = kohya_alpha(configs.get(component, {}), module, tensor.shape[0])
+            given = state.get(f"{component}.{module}.alpha")
+            alpha = (
+                float(given)
+                if given is not None
+                else kohya_alpha(configs.get(component, {}), module, tensor.shape[0])
+            )
             out[f"{base}.alpha"] = torch.tensor(alpha)
     return out
 
@@ -139,7 +166,8 @@ def kohya_names(family, comps) -> dict[str, tuple[str, str]]:
 
 
 def kohya_to_diffusers(kohya: dict[str, torch.Tensor], names: dict[str, tuple[str, str]]):
-    """kohya LoRA -> (component -> diffusers-format state dict, component -> LoraConfig dict).
+    """kohya LoRA -> (component -> state dict in PEFT names, component -> LoraConfig dict),
+    for `adapters.lora.write_diffusers_file` (which picks the naming the family's loader reads).
 
     kohya scales each module by its own `.alpha / rank`. When one component's modules all share
     one rank and one alpha, the weights are kept and `lora_alpha` goes into the diffusers
@@ -147,7 +175,6 @@ def kohya_to_diffusers(kohya: dict[str, torch.Tensor], names: dict[str, tuple[st
     each up weight and the metadata says scale 1 (lora_alpha = rank) everywhere: the file then
     means the same thing to every loader, including those that ignore the metadata.
     """
-    from diffusers.utils import convert_state_dict_to_diffusers
     from peft import LoraConfig
 
     modules: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
@@ -192,9 +219,73 @@ def kohya_to_diffusers(kohya: dict[str, torch.Tensor], names: dict[str, tuple[st
             rank_pattern=odd_ranks,
             alpha_pattern=dict(odd_ranks),
         )
-        layers[component] = convert_state_dict_to_diffusers(state)
+        layers[component] = state
         configs[component] = config.to_dict()
     return layers, configs
+
+
+def loader_naming(
+    states: dict[str, dict[str, torch.Tensor]], naming: str
+) -> dict[str, dict[str, torch.Tensor]]:
+    """Per-component PEFT-named LoRA state (`module.lora_A.weight`) -> the one naming the
+    family's loader reads for the whole file: "peft" as is; "diffusers" the UNet-era
+    `lora.down`/`lora.up` names, unless some layers have none (conv LoRA keeps `lora_A`), in
+    which case PEFT names throughout. diffusers' loaders decide the naming from a file's first
+    key and drop every layer named the other way, so a file never mixes the two."""
+    from diffusers.utils import convert_state_dict_to_diffusers
+
+    if naming == "peft":
+        return states
+    converted = {name: convert_state_dict_to_diffusers(sd) for name, sd in states.items()}
+    if any(".lora_A." in key for sd in converted.values() for key in sd):
+        return states
+    return converted
+
+
+def module_scales(states: dict[str, dict[str, torch.Tensor]], configs: dict[str, dict]):
+    """(component, module) -> (kohya alpha, rank) for every LoRA module of PEFT-named states."""
+    scales = {}
+    for component, sd in states.items():
+        for key, tensor in sd.items():
+            if key.endswith(".lora_A.weight"):
+                module, rank = key.removesuffix(".lora_A.weight"), tensor.shape[0]
+                alpha = kohya_alpha(configs.get(component, {}), module, rank)
+                scales[(component, module)] = (alpha, rank)
+    return scales
+
+
+def fold_alpha(states, configs):
+    """alpha / rank multiplied into each up weight (and LoRA bias); configs say scale 1
+    (lora_alpha = rank, per module too). The file then means the same to loaders that read
+    its metadata (diffusers) and to those that read no alpha at all (ComfyUI: scale 1)."""
+    scales = module_scales(states, configs)
+    folded = {}
+    for component, sd in states.items():
+        out = {}
+        for key, tensor in sd.items():
+            module, sep, _ = key.partition(".lora_B.")
+            if sep:
+                alpha, rank = scales[(component, module)]
+                tensor = tensor * (alpha / rank)
+            out[key] = tensor.contiguous()
+        folded[component] = out
+    new_configs = {}
+    for component, config in configs.items():
+        config = dict(config)
+        config["lora_alpha"] = config["r"]
+        config["alpha_pattern"] = dict(config.get("rank_pattern") or {})
+        config["use_rslora"] = False
+        new_configs[component] = config
+    return folded, new_configs
+
+
+def alpha_tensors(states, configs) -> dict[str, dict[str, torch.Tensor]]:
+    """Each module's alpha as a `<module>.alpha` tensor, kohya's meaning (scale alpha / rank)."""
+    scales = module_scales(states, configs)
+    out: dict[str, dict[str, torch.Tensor]] = {component: {} for component in states}
+    for (component, module), (alpha, _) in scales.items():
+        out[component][f"{module}.alpha"] = torch.tensor(float(alpha))
+    return out
 
 
 def kohya_scales_uniform(kohya: dict[str, torch.Tensor]) -> bool:

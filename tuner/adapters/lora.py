@@ -10,7 +10,6 @@ from pathlib import Path
 
 import torch
 from diffusers.training_utils import cast_training_params
-from diffusers.utils import convert_state_dict_to_diffusers
 from peft import LoraConfig, inject_adapter_in_model
 from peft.utils import get_peft_model_state_dict
 
@@ -37,7 +36,7 @@ def denoiser_targets(adapter, family, denoiser) -> list[str] | str:
         try:
             pattern = re.compile(adapter.target_regex)
         except re.error as exc:
-            raise TunerError(f"adapter.target_regex: invalid regex ({exc})") from None
+            raise TunerError(f"adapter.target_regex: invalid regex ({exc})") from exc
         if not any(pattern.fullmatch(name) for name, _ in denoiser.named_modules()):
             raise TunerError(
                 f"adapter.target_regex: {adapter.target_regex!r} matches no module "
@@ -93,18 +92,19 @@ def peft_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 def adapter_state(
     trained: dict[str, torch.nn.Module], naming: str = "diffusers"
 ) -> dict[str, dict[str, torch.Tensor]]:
-    """Per component, its LoRA weights in the naming the family's loader reads: "diffusers"
-    (UNet-era `lora.down`/`lora.up`) or "peft" (`lora_A`/`lora_B`, what diffusers' transformer
-    loaders expect throughout)."""
-    states = {name: get_peft_model_state_dict(module) for name, module in trained.items()}
-    if naming == "peft":
-        return states
-    converted = {name: convert_state_dict_to_diffusers(sd) for name, sd in states.items()}
-    if any(".lora_A." in key for sd in converted.values() for key in sd):
-        # The UNet-era names cover attention layers only (conv LoRA stays lora_A), and
-        # diffusers' loader reads one naming per file: mixed, it drops the other half.
-        return states
-    return converted
+    """Per component, its LoRA weights in the naming the family's loader reads (see
+    `formats.loader_naming`): "diffusers" (UNet-era `lora.down`/`lora.up`, unless conv LoRA
+    makes it PEFT names throughout) or "peft" (`lora_A`/`lora_B`)."""
+    from tuner.adapters.formats import loader_naming
+
+    return loader_naming({n: get_peft_model_state_dict(m) for n, m in trained.items()}, naming)
+
+
+def float_cpu(states: dict[str, dict[str, torch.Tensor]]) -> dict[str, dict[str, torch.Tensor]]:
+    return {
+        name: {k: v.detach().float().cpu().contiguous() for k, v in sd.items()}
+        for name, sd in states.items()
+    }
 
 
 def adapter_metadata(trained: dict[str, torch.nn.Module]) -> dict[str, dict]:
@@ -112,18 +112,52 @@ def adapter_metadata(trained: dict[str, torch.nn.Module]) -> dict[str, dict]:
     return {name: module.peft_config["default"].to_dict() for name, module in trained.items()}
 
 
+def write_diffusers_file(
+    directory: Path, family, states: dict[str, dict[str, torch.Tensor]], configs, weight_name
+) -> Path:
+    """Write a diffusers-layout adapter file the family's loaders read at its trained strength.
+
+    states: component -> PEFT-named LoRA state (`module.lora_A.weight`); configs: component
+    -> LoraConfig dict. Keys get the one naming the family's diffusers loader reads, and the
+    alpha goes where each program that reads this layout finds it (ExportNaming.diffusers_alpha):
+    the LoraConfig metadata, `.alpha` tensors, or folded into the up weights.
+    """
+    from tuner.adapters import formats
+
+    mode = family.spec.export.diffusers_alpha
+    if mode == "folded":
+        states, configs = formats.fold_alpha(states, configs)
+    layers = formats.loader_naming(states, family.spec.export.lora_key_naming)
+    if mode == "tensors":
+        alphas = formats.alpha_tensors(states, configs)
+        layers = {name: {**sd, **alphas[name]} for name, sd in layers.items()}
+        configs = {}  # diffusers refuses `.alpha` tensors next to lora_adapter_metadata
+    family.save_lora(directory, layers, configs, weight_name)
+    return directory / weight_name
+
+
+def kohya_state(trained: dict[str, torch.nn.Module], family) -> dict[str, torch.Tensor]:
+    """The trained adapter in kohya names with its trained `.alpha` (from the modules, not
+    from a diffusers file that may hold alpha folded into its weights)."""
+    from tuner.adapters.formats import kohya_layers
+
+    flat = {
+        f"{name}.{key}": tensor
+        for name, sd in float_cpu({n: peft_state(m) for n, m in trained.items()}).items()
+        for key, tensor in sd.items()
+    }
+    return kohya_layers(flat, adapter_metadata(trained), family.spec.export.kohya_prefixes)
+
+
 def save_adapter(
     directory: Path, family, trained, weight_name: str = WEIGHT_NAME, extra_metadata=None
 ) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
-    state = {
-        name: {k: v.detach().float().cpu() for k, v in sd.items()}
-        for name, sd in adapter_state(trained, family.spec.export.lora_key_naming).items()
-    }
+    states = float_cpu({name: peft_state(module) for name, module in trained.items()})
     # Written beside the target and renamed: an existing adapter is never half-overwritten.
     staging = Path(tempfile.mkdtemp(prefix=".saving-", dir=directory))
     try:
-        family.save_lora(staging, state, adapter_metadata(trained), weight_name)
+        write_diffusers_file(staging, family, states, adapter_metadata(trained), weight_name)
         if extra_metadata:  # before publishing: the final file never lacks its metadata
             from tuner.adapters.formats import add_metadata
 

@@ -98,10 +98,12 @@ def convert(
         fam = family_of(metadata, family, model)
         kohya = formats.to_comfy(state, metadata, fam.spec.export)
         return formats.write_safetensors(kohya, out, kept)
+    from tuner.adapters.lora import write_diffusers_file
+
     fam, comps = base_components(metadata, family, model)
     layers, configs = formats.kohya_to_diffusers(state, formats.kohya_names(fam, comps))
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=".export-") as tmp:
-        fam.save_lora(Path(tmp), layers, configs, out.name)
+        write_diffusers_file(Path(tmp), fam, layers, configs, out.name)
         formats.add_metadata(Path(tmp) / out.name, kept)
         (Path(tmp) / out.name).replace(out)
     return out
@@ -155,7 +157,7 @@ def base_components(metadata: dict, family: str | None, model: str | None):
     except TunerError as exc:
         raise TunerError(
             f"base model {path!r} from the adapter's metadata: {exc}; pass --model"
-        ) from None
+        ) from exc
     return fam, fam.load(section, torch.bfloat16)
 
 

@@ -301,10 +301,10 @@ def axes(text: str) -> tuple[str, ...]:
 def parse_scales(text: str) -> list[float]:
     try:
         return [float(part) for part in text.split(",") if part.strip()]
-    except ValueError:
+    except ValueError as exc:
         raise TunerError(
             f"--scales {text!r}: expected numbers separated by commas, e.g. 0,0.5,1"
-        ) from None
+        ) from exc
 
 
 def adapter_choices(specs: list[LoraSpec], each_alone: bool) -> dict[str, AdapterChoice]:

@@ -109,7 +109,7 @@ def _from_metadata(
         raise TunerError(
             f"{os.path.join(root, name)}: not a readable HF imagefolder ({first}); each row "
             "needs a file_name next to the images and a caption column"
-        ) from None
+        ) from e
     return _from_hf(ds, root, source, caption_column, None)
 
 

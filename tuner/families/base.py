@@ -67,7 +67,15 @@ class ExportNaming:
         "diffusers"); the model card and README name it.
     comfy_layout: for a family whose ComfyUI names are not `<kohya prefix>_<module>`: a function
         (diffusers-format state dict, its metadata) -> the tensors of the kohya/ComfyUI file,
-        written instead of `formats.to_kohya`'s (None: kohya names from kohya_prefixes).
+        written instead of the kohya layout (None: kohya names from kohya_prefixes).
+    diffusers_alpha: where the diffusers-layout file keeps alpha, so that every program
+        reading that layout applies the trained strength. "metadata": only in diffusers'
+        LoraConfig metadata (the UNet families: diffusers' SD loaders refuse `.alpha` keys, and
+        ComfyUI does not map that layout's UNet attention names, so it reads the kohya file);
+        "tensors": `<module>.alpha` tensors and no LoraConfig metadata (Flux: ComfyUI reads
+        them, and diffusers' Flux loader takes them but refuses them beside the metadata);
+        "folded": alpha / rank multiplied into the up weights, metadata at scale 1 (SD3:
+        diffusers' SD3 loader refuses `.alpha` keys; ComfyUI then reads scale 1, which is right).
     """
 
     kohya_prefixes: Mapping[str, str]
@@ -76,6 +84,7 @@ class ExportNaming:
     lora_key_naming: Literal["diffusers", "peft"] = "diffusers"
     comfy_file: Literal["kohya", "diffusers"] = "kohya"
     comfy_layout: Callable[[dict, dict], dict] | None = None
+    diffusers_alpha: Literal["metadata", "tensors", "folded"] = "metadata"
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,9 @@ class FluxFamily(FamilyBase):
             # The transformer loaders pick one naming from the first key and drop layers
             # named the other way: PEFT names throughout, as diffusers' Flux script saves.
             lora_key_naming="peft",
+            # ComfyUI reads both files; the diffusers file carries `.alpha` tensors for it
+            # (diffusers' Flux loader reads those too, when the file has no LoraConfig metadata).
+            diffusers_alpha="tensors",
         ),
         objective="flow",
         text_encoder_lora=False,

@@ -54,7 +54,7 @@ def require_quantizable(kind: str) -> None:
         raise TunerError(
             f"model.quantize: bitsandbytes failed to load ({type(exc).__name__}); "
             "pip install bitsandbytes, or set model.quantize=none"
-        ) from None
+        ) from exc
 
 
 def load_pipeline(family, model, dtype: torch.dtype, transformer_cls, leave_out=()):
@@ -100,7 +100,7 @@ def load_quantized(transformer_cls, model, kind: str, dtype: torch.dtype):
         raise TunerError(
             f"model.path: could not load the transformer of {model.path} "
             f"quantized to {kind} ({first}); try model.quantize=none"
-        ) from None
+        ) from exc
 
 
 def quantize_module(module, kind: str, dtype: torch.dtype, workdir: str | None = None):

@@ -35,6 +35,11 @@ class SD3Family(FamilyBase):
             # The transformer loaders pick one naming from the first key and drop layers
             # named the other way: PEFT names throughout, as diffusers' SD3 script saves.
             lora_key_naming="peft",
+            # diffusers' SD3 loader reads no kohya layout (it loads such a file into 0 layers)
+            # and refuses `.alpha` keys: the diffusers file, alpha folded in, is the one file
+            # both diffusers and ComfyUI read at the trained strength.
+            diffusers_alpha="folded",
+            comfy_file="diffusers",
         ),
         objective="flow",
         text_encoder_lora=False,

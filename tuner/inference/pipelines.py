@@ -116,6 +116,19 @@ def load_adapters(pipe, family, specs: list[LoraSpec]) -> None:
                 f"{spec.path}: only {loaded} of {expected} LoRA modules matched "
                 "layers of the base model; was it trained on another base model?"
             )
+        # A layer can be created (from the file's LoraConfig) yet get no weights, when the
+        # loader drops keys it does not recognise: its up weight then stays all zeros.
+        ups = ("lora_up", "lora_B", "lora.up", "lora_linear_layer.up")
+        nonzero = sum(
+            1 for key, t in state.items() if any(f".{k}." in key for k in ups) and t.any()
+        )
+        filled = count_lora_layers(pipe, spec.name, nonzero=True)
+        if filled < nonzero:
+            raise TunerError(
+                f"{spec.path}: the weights of {nonzero - filled} of {nonzero} LoRA modules "
+                "did not load (the loader dropped their keys); re-export the file with "
+                "`tuner export`"
+            )
 
 
 def _load_lora_file(pipe, file: Path, spec: LoraSpec) -> None:
@@ -132,7 +145,7 @@ def _load_lora_file(pipe, file: Path, spec: LoraSpec) -> None:
         raise TunerError(
             f"{spec.path}: diffusers could not load this adapter into the base "
             f"model ({reason}); was it trained on another base model?"
-        ) from None
+        ) from exc
     finally:
         diffusers_logging.set_verbosity(level)
 
@@ -143,7 +156,7 @@ def kohya_file_as_diffusers(pipe, family, kohya: dict, folder: Path) -> Path | N
     and every family (diffusers reads kohya files for some pipelines only). None for other
     layouts (e.g. original-checkpoint names), which are left to diffusers' own converters."""
     from tuner.adapters.formats import kohya_names, kohya_scales_uniform, kohya_to_diffusers
-    from tuner.adapters.lora import WEIGHT_NAME
+    from tuner.adapters.lora import WEIGHT_NAME, write_diffusers_file
 
     names = kohya_names(family, family.components_from_pipeline(pipe, ""))
     if not all(key.split(".", 1)[0] in names for key in kohya):
@@ -154,18 +167,20 @@ def kohya_file_as_diffusers(pipe, family, kohya: dict, folder: Path) -> Path | N
             )
         return None
     layers, configs = kohya_to_diffusers(kohya, names)
-    family.save_lora(folder, layers, configs, WEIGHT_NAME)
-    return folder / WEIGHT_NAME
+    return write_diffusers_file(folder, family, layers, configs, WEIGHT_NAME)
 
 
-def count_lora_layers(pipe, adapter_name: str) -> int:
+def count_lora_layers(pipe, adapter_name: str, nonzero: bool = False) -> int:
+    """LoRA layers holding this adapter (nonzero: only those whose up weight is not zero)."""
     from peft.tuners.lora import LoraLayer
 
     return sum(
         1
         for module in pipeline_modules(pipe)
         for layer in module.modules()
-        if isinstance(layer, LoraLayer) and adapter_name in layer.lora_A
+        if isinstance(layer, LoraLayer)
+        and adapter_name in layer.lora_A
+        and (not nonzero or bool(layer.lora_B[adapter_name].weight.any()))
     )
 
 

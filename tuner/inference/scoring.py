@@ -34,7 +34,7 @@ def _load(loader, folder: Path, flag: str, what: str):
         return loader.from_pretrained(str(folder), local_files_only=True)
     except (OSError, ValueError, KeyError) as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
-        raise TunerError(f"{flag} {folder}: cannot load the {what} ({first})") from None
+        raise TunerError(f"{flag} {folder}: cannot load the {what} ({first})") from exc
 
 
 def _pooled(output) -> torch.Tensor:

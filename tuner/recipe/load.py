@@ -22,7 +22,7 @@ def load_recipe(path: str | Path, overrides: tuple[str, ...] | list[str] = ()) -
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as exc:
-        raise TunerError(f"{path}: not valid YAML ({_first_line(exc)})") from None
+        raise TunerError(f"{path}: not valid YAML ({_first_line(exc)})") from exc
     if not isinstance(raw, dict):
         raise TunerError(
             f"{path}: a recipe must be a mapping of sections, got {type(raw).__name__}"
@@ -40,7 +40,7 @@ def validate_recipe(raw: dict, source: str = "<recipe>") -> Recipe:
     try:
         return Recipe.model_validate(raw)
     except ValidationError as exc:
-        raise TunerError(f"{source}: {describe_error(exc.errors()[0])}") from None
+        raise TunerError(f"{source}: {describe_error(exc.errors()[0])}") from exc
 
 
 _EXPECTED = {

@@ -161,7 +161,7 @@ def open_judge(path: str | None):
     try:
         return load_judge(path)
     except (FileNotFoundError, ValueError) as exc:
-        raise TunerError(f"judge: {exc}") from None
+        raise TunerError(f"judge: {exc}") from exc
 
 
 def training_items(recipe) -> list:

@@ -86,7 +86,7 @@ def write_checkpoint(
         raise TunerError(
             f"could not save checkpoint {final.name} ({exc.strerror or exc}); "
             f"{kept}; free space and resume with train.resume=latest"
-        ) from None
+        ) from exc
     return final
 
 

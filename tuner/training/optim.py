@@ -21,7 +21,7 @@ def build_optimizer(groups: list[dict], train, device: torch.device):
                 f"train.optimizer: adamw8bit needs bitsandbytes, which failed to "
                 f"load ({type(exc).__name__}: {str(exc).splitlines()[0][:120]}); "
                 "pip install bitsandbytes, or use train.optimizer=adamw"
-            ) from None
+            ) from exc
         return bnb.optim.AdamW8bit(groups, lr=train.lr, **kwargs)
     raise TunerError(f"train.optimizer: unknown optimizer {train.optimizer!r}")
 

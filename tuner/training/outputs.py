@@ -32,7 +32,7 @@ def prepare_output_dir(recipe, output_dir: Path, resuming: bool) -> None:
         raise TunerError(
             f"output.dir: cannot write to {output_dir} ({exc.strerror or exc}); "
             "choose a writable folder"
-        ) from None
+        ) from exc
     if "kohya" in recipe.output.formats and not kohya_export_possible(recipe):
         log.warning(
             "adapter.dora: the kohya file is skipped (DoRA has no kohya layout); the "
@@ -64,7 +64,7 @@ def finish_outputs(
             f"could not write the final outputs to {output_dir} "
             f"({exc.strerror or exc}); checkpoints are intact: free space and rerun "
             "with train.resume=latest"
-        ) from None
+        ) from exc
 
 
 def write_outputs(
@@ -75,8 +75,12 @@ def write_outputs(
     meta = training_metadata(recipe, comps, steps, tag_frequency(report.captions))
     adapter_file = lora.save_adapter(output_dir, family, trained, extra_metadata=meta)
     if kohya_export_possible(recipe):
-        state, file_meta = formats.read_adapter(adapter_file)
-        kohya = formats.to_comfy(state, file_meta, family.spec.export)
+        if family.spec.export.comfy_layout is not None:
+            state, file_meta = formats.read_adapter(adapter_file)
+            kohya = family.spec.export.comfy_layout(state, file_meta)
+        else:
+            # From the trained modules: the trained alpha, whatever the diffusers file folded in.
+            kohya = lora.kohya_state(trained, family)
         formats.write_safetensors(kohya, output_dir / lora.KOHYA_WEIGHT_NAME, meta)
     if "diffusers" not in recipe.output.formats:
         adapter_file.unlink()
@@ -129,6 +133,26 @@ pipe.load_lora_weights("{recipe.output.dir}")
 
 tuner: `tuner sample {recipe.model.path} --lora {recipe.output.dir}:0.8 --prompt "..." --out DIR`
 
-ComfyUI / A1111 / Forge: copy `pytorch_lora_weights_kohya.safetensors` into `models/loras/`
-and load it with a LoRA loader node (ComfyUI) or `<lora:NAME:0.8>` (A1111).
+{comfy_lines(recipe, family)}
 """
+
+
+def comfy_lines(recipe, family) -> str:
+    """Which file to copy into ComfyUI (and webui front ends): the family's `comfy_file`,
+    the one ComfyUI applies at the trained strength."""
+    kohya = kohya_export_possible(recipe)
+    if family.spec.export.comfy_file == "diffusers" or not kohya:
+        name = lora.WEIGHT_NAME
+    else:
+        name = lora.KOHYA_WEIGHT_NAME
+    line = (
+        f"ComfyUI / A1111 / Forge: copy `{name}` into `models/loras/` and load it with a LoRA "
+        "loader node (ComfyUI) or `<lora:NAME:0.8>` (A1111)."
+    )
+    if family.spec.export.comfy_file == "diffusers" and kohya:
+        line += (
+            f"\nThis one file loads at the trained strength in diffusers and ComfyUI alike; "
+            f"`{lora.KOHYA_WEIGHT_NAME}` (kohya names, `.alpha` tensors) is for kohya-layout "
+            f"tools and `tuner sample`: diffusers' {family.spec.pipeline} reads no kohya layout."
+        )
+    return line
