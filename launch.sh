@@ -93,6 +93,10 @@ if [ $# -lt 1 ]; then
 fi
 
 ensure_env ""
+# The flags as given, for the resume command tuner prints (Recipe.command).
+unset TUNER_NUM_PROCESSES TUNER_CONFIG_FILE
+if [ -n "$NUM_PROCESSES" ]; then export TUNER_NUM_PROCESSES="$NUM_PROCESSES"; fi
+if [ -n "$CONFIG_FILE" ]; then export TUNER_CONFIG_FILE="$CONFIG_FILE"; fi
 NUM_PROCESSES="${NUM_PROCESSES:-$(gpu_count)}"
 # mixed precision comes from the recipe (train.mixed_precision), which overrides this default.
 ARGS=(--num_processes "$NUM_PROCESSES" --num_machines 1 --dynamo_backend no --mixed_precision no)

@@ -63,10 +63,11 @@ class DataReport:
 
 
 def collect_items(
-    data, extra_sources=(), role_of_extra="instance"
+    data, extra_sources=(), role_of_extra="instance", skip_dirs=None
 ) -> tuple[list[Item], DataReport]:
     """Items of every `data.datasets` entry (repeats expanded) plus `extra_sources`
-    (pre-listed (entry, records) pairs, e.g. DreamBooth folders)."""
+    (pre-listed (entry, records) pairs, e.g. DreamBooth folders). skip_dirs: folders never
+    read as training data (path -> what it is), e.g. the run's own output.dir."""
     report = DataReport()
     items: list[Item] = []
     sources = [(entry, None) for entry in data.datasets] + list(extra_sources)
@@ -79,6 +80,7 @@ def collect_items(
                 caption_column=entry.caption_column,
                 image_column=entry.image_column,
                 split=entry.split,
+                skip_dirs=skip_dirs,
             )
         role = "instance" if index < len(data.datasets) else role_of_extra
         usable = _items_of(records, entry, data, report, role)
@@ -102,6 +104,15 @@ def collect_items(
     report.histogram = bucket_histogram([item.size for item in items])
     report.captions = [item.caption for item in items]
     return items, report
+
+
+def data_fingerprint(items: list[Item]) -> dict:
+    """What a checkpoint records of its data: a digest of every training image (content and
+    caption, repeats included), so a resume can say when the data changed."""
+    digest = hashlib.sha256()
+    for item in items:
+        digest.update(f"{item.role}\t{item.image_hash}\t{item.caption}\n".encode())
+    return {"sha256": digest.hexdigest(), "images": len(items)}
 
 
 def _items_of(records, entry, data, report: DataReport, role: str) -> list[Item]:

@@ -7,8 +7,10 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +22,7 @@ IMAGE_COLUMNS = ("image", "img")
 _METADATA_FILES = ("metadata.jsonl", "metadata.csv")
 _SAVED_DATASET_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
 _HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+log = logging.getLogger("tuner")
 
 
 @dataclass
@@ -41,8 +44,12 @@ def list_records(
     caption_column: str | None = None,
     image_column: str | None = None,
     split: str = "train",
+    skip_dirs: Mapping[str, str] | None = None,
 ) -> list[Record]:
-    """Records for one dataset entry, in a deterministic order. May be empty."""
+    """Records for one dataset entry, in a deterministic order. May be empty.
+
+    skip_dirs: folders (path -> what they are, e.g. "the output.dir") whose files are never
+    training data even when they lie inside a dataset folder."""
     path = os.fspath(path)
     if os.path.isdir(path):
         if any(os.path.exists(os.path.join(path, m)) for m in _SAVED_DATASET_MARKERS):
@@ -50,7 +57,7 @@ def list_records(
         for name in _METADATA_FILES:
             if os.path.isfile(os.path.join(path, name)):
                 return _from_metadata(path, name, source, caption_column, caption_ext)
-        return _from_folder(path, source, caption_ext)
+        return _from_folder(path, source, caption_ext, skip_dirs or {})
     if os.path.isfile(path):
         if path.lower().endswith(".parquet"):
             return _from_parquet(path, source, caption_column, image_column)
@@ -63,21 +70,36 @@ def list_records(
 # --- folders ----------------------------------------------------------------------
 
 
-def _from_folder(root: str, source: int, caption_ext: str) -> list[Record]:
+def _from_folder(
+    root: str, source: int, caption_ext: str, skip_dirs: Mapping[str, str]
+) -> list[Record]:
     records = []
-    for image_path in _walk_images(root):
+    for image_path in _walk_images(root, skip_dirs):
         caption = _read_sidecar(image_path, caption_ext)
         records.append(Record(image=image_path, key=image_path, caption=caption, source=source))
     return records
 
 
-def _walk_images(root: str) -> list[str]:
+def _walk_images(root: str, skip_dirs: Mapping[str, str] | None = None) -> list[str]:
     """Image files under root, recursively, sorted by relative path. Hidden files and
-    folders are skipped (macOS '._x.jpg' forks, .ipynb_checkpoints, .cache...)."""
-    root = os.path.abspath(root)
+    folders are skipped (macOS '._x.jpg' forks, .ipynb_checkpoints, .cache...), and so are
+    the skip_dirs (each with one line saying so)."""
+    given, root = root, os.path.abspath(root)
+    skip = {os.path.realpath(p): (p, why) for p, why in (skip_dirs or {}).items()}
     found = []
     for folder, dirs, files in os.walk(root):
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        kept = []
+        for d in sorted(dirs):
+            if d.startswith("."):
+                continue
+            skipped = skip.get(os.path.realpath(os.path.join(folder, d)))
+            if skipped:
+                log.warning(
+                    "%s: skipping %s (%s): its files are not training data", given, *skipped
+                )
+                continue
+            kept.append(d)
+        dirs[:] = kept
         for name in files:
             if not name.startswith(".") and name.lower().endswith(IMAGE_EXTS):
                 found.append(os.path.join(folder, name))

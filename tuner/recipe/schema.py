@@ -247,10 +247,21 @@ class Recipe(Section):
     _overrides: tuple[str, ...] = PrivateAttr(default=())
 
     def command(self, *extra: str) -> str:
-        """The launch command for this recipe (its file, its overrides, plus `extra`)."""
+        """The launch command for this recipe (its file, its overrides, plus `extra`), with the
+        launcher flags it was started with: launch.sh exports TUNER_NUM_PROCESSES and
+        TUNER_CONFIG_FILE when given them; a plain `accelerate launch` sets WORLD_SIZE."""
+        import os
         import shlex
 
-        parts = [self._source or "RECIPE", *self._overrides, *extra]
+        flags = []
+        processes = os.environ.get("TUNER_NUM_PROCESSES")
+        if not processes and int(os.environ.get("WORLD_SIZE") or 1) > 1:
+            processes = os.environ["WORLD_SIZE"]
+        if processes:
+            flags += ["--num-processes", processes]
+        if os.environ.get("TUNER_CONFIG_FILE"):
+            flags += ["--config-file", os.environ["TUNER_CONFIG_FILE"]]
+        parts = [*flags, self._source or "RECIPE", *self._overrides, *extra]
         return "./launch.sh " + " ".join(shlex.quote(p) for p in parts)
 
     @model_validator(mode="after")

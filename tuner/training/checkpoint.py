@@ -20,6 +20,7 @@ from tuner.errors import TunerError
 
 STEP_DIR = re.compile(r"^step-(\d{6,})$")
 STATE_FILE = "tuner_state.json"
+LOOP_KEYS = ("step", "epoch", "position")  # the rest of tuner_state.json: run_id, recipe, data
 
 
 def step_dir_name(step: int) -> str:
@@ -78,7 +79,7 @@ def write_checkpoint(
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
-            prune(output_dir, keep)
+            prune(output_dir, keep, state.get("run_id"))
     except OSError as exc:  # disk full, quota, permissions: earlier checkpoints stay intact
         shutil.rmtree(tmp, ignore_errors=True)
         previous = complete_checkpoints(output_dir)
@@ -90,9 +91,19 @@ def write_checkpoint(
     return final
 
 
-def prune(output_dir: Path, keep: int) -> None:
-    for old in complete_checkpoints(output_dir)[:-keep]:
+def prune(output_dir: Path, keep: int, run_id: str | None = None) -> None:
+    """Keep the run's newest `keep` checkpoints. Only the checkpoints of the run that writes
+    (same run id; None: those that record none) are ever deleted."""
+    own = [p for p in complete_checkpoints(output_dir) if _run_id_of(p) == run_id]
+    for old in own[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def _run_id_of(folder: Path) -> str | None:
+    try:
+        return read_state(folder).get("run_id")
+    except (OSError, ValueError):
+        return "<unreadable>"  # never ours: left alone
 
 
 def _fsync_tree(folder: Path) -> None:
@@ -141,7 +152,7 @@ def save_training_state(run) -> Path:
         run.output_dir,
         run.state["step"],
         contents,
-        dict(run.state),
+        {**run.state, **run.record},  # where the loop is; the run id, recipe and data
         accelerator.is_main_process,
         run.recipe.output.keep,
     )
@@ -150,7 +161,11 @@ def save_training_state(run) -> Path:
 
 
 def load_training_state(folder: Path, run) -> dict:
-    """Restore a checkpoint into the run's already-injected adapters; returns the loop state."""
+    """Restore a checkpoint into the run's already-injected adapters; returns the loop state.
+
+    The optimizer's hyperparameters come from the run's recipe, not the checkpoint: a resumed
+    recipe's new lr, weight decay, betas or schedule take effect. The schedule is the new
+    recipe's, continued at the checkpoint's step: lr = new base lr x schedule(step)."""
     from peft.utils import set_peft_model_state_dict
     from safetensors.torch import load_file
 
@@ -162,12 +177,34 @@ def load_training_state(folder: Path, run) -> dict:
         set_peft_model_state_dict(module, weights)
     # weights_only: a checkpoint path comes from the user, so nothing in it may run code.
     saved = torch.load(folder / "training_state.pt", map_location="cpu", weights_only=True)
+    recipe_groups = [
+        {k: group[k] for k in ("initial_lr", "betas", "eps", "weight_decay") if k in group}
+        for group in run.optimizer.param_groups
+    ]
     run.optimizer.load_state_dict(saved["optimizer"])
     run.scheduler.load_state_dict(saved["scheduler"])
+    apply_recipe_schedule(run.optimizer, run.scheduler, recipe_groups)
     restore_rng_state(saved["rng"])
     if saved.get("scaler") and run.accelerator.scaler:
         run.accelerator.scaler.load_state_dict(saved["scaler"])
-    return read_state(folder)
+    state = read_state(folder)
+    return {key: state[key] for key in LOOP_KEYS}
+
+
+def apply_recipe_schedule(optimizer, scheduler, recipe_groups: list[dict]) -> None:
+    """Put the recipe's hyperparameters back after loading a checkpoint (which restored its
+    own): base lrs, betas, eps, weight decay; then the lr the schedule gives at the restored
+    step (the lambdas are the new recipe's: load_state_dict keeps function lambdas)."""
+    for group, values in zip(optimizer.param_groups, recipe_groups):
+        group.update(values)
+    if "initial_lr" not in recipe_groups[0] or not hasattr(scheduler, "lr_lambdas"):
+        return  # not a LambdaLR (every diffusers schedule is one)
+    scheduler.base_lrs = [values["initial_lr"] for values in recipe_groups]
+    step = scheduler.last_epoch
+    lrs = [base * fn(step) for base, fn in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+    for group, lr in zip(optimizer.param_groups, lrs):
+        group["lr"] = lr
+    scheduler._last_lr = lrs
 
 
 def rng_state() -> dict:

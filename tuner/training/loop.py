@@ -38,6 +38,7 @@ class Run:
     output_dir: Path
     count_flops: bool = False  # count the first step's FLOPs (benchmarks' MFU)
     state: dict = field(default_factory=lambda: {"step": 0, "epoch": 0, "position": 0})
+    record: dict = field(default_factory=dict)  # what each checkpoint records: run id, recipe, data
     stats: dict = field(default_factory=lambda: {"log_times": [], "flops": None})
 
     @property

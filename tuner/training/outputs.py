@@ -1,28 +1,126 @@
-"""The output directory: guarded at the start, filled at the end."""
+"""The output directory: checked at the start (nothing written), claimed once every check that
+can fail before training has passed, filled at the end. A folder belongs to one run, named by
+the run id in tuner_run.json and in each of its checkpoints."""
 
 from __future__ import annotations
 
 import json
 import logging
 import os
+import shutil
+import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from tuner.adapters import formats, lora
 from tuner.adapters.metadata import training_metadata
 from tuner.data.captions import tag_frequency
 from tuner.errors import TunerError
+from tuner.training import changes, checkpoint
 
 log = logging.getLogger("tuner")
 FINISHED = "tuner_finished.json"
+RUN_FILE = "tuner_run.json"  # {"run_id": ...}: which run the folder (and its checkpoints) is
 
 
-def prepare_output_dir(recipe, output_dir: Path, resuming: bool) -> None:
-    """Refuse to overwrite a finished run; check the folder is writable; save the recipe."""
-    if (output_dir / FINISHED).is_file() and not (recipe.output.overwrite or resuming):
-        raise TunerError(
-            f"output.dir: {output_dir} holds a finished run; choose another "
-            "output.dir, or set output.overwrite=true to replace it"
+@dataclass
+class OutputPlan:
+    """What check_output_dir decided; claim_output_dir carries it out."""
+
+    run_id: str
+    resume_from: Path | None = None
+    recorded: dict = field(default_factory=dict)  # the resumed checkpoint's tuner_state.json
+    replaces: str | None = None  # the line said when a replacing run starts
+    stale: list[Path] = field(default_factory=list)  # the replaced run's checkpoints
+    notice: str | None = None  # the resumed recipe's legal changes
+
+
+def read_json(path: Path) -> dict | None:
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) else {}
+
+
+def folder_run_id(output_dir: Path) -> str | None:
+    return (read_json(Path(output_dir) / RUN_FILE) or {}).get("run_id")
+
+
+def check_output_dir(recipe, output_dir: Path, resume_from: Path | None) -> OutputPlan:
+    """Every check on output.dir that can fail, before anything in it changes: the folder
+    belongs to one run (a fresh run never trains into another run's checkpoints), a resumed
+    recipe keeps the checkpoint's adapter, the folder is writable."""
+    refuse_dataset_folder(recipe, output_dir)
+    finished = read_json(output_dir / FINISHED)
+    saved = checkpoint.complete_checkpoints(output_dir)
+    plan = OutputPlan(run_id=new_run_id(), resume_from=resume_from)
+    if resume_from is not None:
+        plan.recorded = checkpoint.read_state(resume_from)
+        plan.notice = changes.check_resume(recipe, plan.recorded, resume_from)
+        plan.run_id = plan.recorded.get("run_id") or folder_run_id(output_dir) or plan.run_id
+    elif finished is not None or saved:
+        if finished is not None and not recipe.output.overwrite:
+            raise TunerError(
+                f"output.dir: {output_dir} holds a finished run; choose another "
+                "output.dir, or set output.overwrite=true to replace it"
+            )
+        last = checkpoint.read_state(saved[-1])["step"] if saved else 0
+        if not recipe.output.overwrite:
+            raise TunerError(
+                f"output.dir: {output_dir} holds an unfinished run (last checkpoint: step "
+                f"{last}); resume it with: {recipe.command('train.resume=latest')}; or choose "
+                "another output.dir, or set output.overwrite=true to replace it"
+            )
+        plan.replaces, plan.stale = replacement_line(output_dir, finished, saved, last), saved
+    check_writable(output_dir)
+    if "kohya" in recipe.output.formats and not kohya_export_possible(recipe):
+        log.warning(
+            "adapter.dora: the kohya file is skipped (DoRA has no kohya layout); the "
+            "diffusers file loads in diffusers and ComfyUI"
         )
+    return plan
+
+
+def new_run_id() -> str:
+    return uuid.uuid4().hex[:12]
+
+
+def replacement_line(output_dir: Path, finished, saved: list[Path], last: int) -> str:
+    run_id = folder_run_id(output_dir)
+    what = f"{'finished' if finished is not None else 'unfinished'} run" + (
+        f" {run_id}" if run_id else ""
+    )
+    if finished is not None and "steps" in finished:
+        extent = f"{finished['steps']} steps"
+    else:
+        extent = f"last checkpoint: step {last}"
+    line = f"output.overwrite: replacing the {what} in {output_dir} ({extent})"
+    if saved:
+        line += f"; its {len(saved)} checkpoint{'s are' if len(saved) > 1 else ' is'} deleted"
+    return line
+
+
+def refuse_dataset_folder(recipe, output_dir: Path) -> None:
+    """A run's outputs (sample grids) must never become its training data. An output.dir
+    inside a dataset folder is skipped when the data is read; one that is the folder is
+    refused here."""
+    for key, folder in dataset_folders(recipe):
+        if os.path.realpath(folder) == os.path.realpath(output_dir):
+            raise TunerError(
+                f"output.dir: {output_dir} is the folder of {key}; choose an output.dir "
+                "outside the dataset"
+            )
+
+
+def dataset_folders(recipe) -> list[tuple[str, str]]:
+    folders = [(f"data.datasets[{i}].path", e.path) for i, e in enumerate(recipe.data.datasets)]
+    if recipe.dreambooth is not None:
+        folders.append(("dreambooth.instance_dir", recipe.dreambooth.instance_dir))
+    return [(key, os.path.expanduser(path)) for key, path in folders]
+
+
+def check_writable(output_dir: Path) -> None:
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
         probe = output_dir / f".write-test-{os.getpid()}"
@@ -33,13 +131,19 @@ def prepare_output_dir(recipe, output_dir: Path, resuming: bool) -> None:
             f"output.dir: cannot write to {output_dir} ({exc.strerror or exc}); "
             "choose a writable folder"
         ) from exc
-    if "kohya" in recipe.output.formats and not kohya_export_possible(recipe):
-        log.warning(
-            "adapter.dora: the kohya file is skipped (DoRA has no kohya layout); the "
-            "diffusers file loads in diffusers and ComfyUI"
-        )
+
+
+def claim_output_dir(recipe, output_dir: Path, plan: OutputPlan) -> None:
+    """The run takes the folder, once every check that can fail before training has passed:
+    the replaced run's checkpoints and finished marker go, recipe.yaml and tuner_run.json
+    are this run's."""
+    if plan.replaces:
+        log.warning("%s", plan.replaces)
+        for old in plan.stale:
+            shutil.rmtree(old, ignore_errors=True)
     (output_dir / FINISHED).unlink(missing_ok=True)
     write_text_atomic(output_dir / "recipe.yaml", recipe.to_yaml())
+    write_text_atomic(output_dir / RUN_FILE, json.dumps({"run_id": plan.run_id}, indent=2))
 
 
 def kohya_export_possible(recipe) -> bool:

@@ -19,15 +19,15 @@ from tuner import families
 from tuner.adapters import lora
 from tuner.data.cache import CachePlan, TensorCache, build_cache, default_cache_dir
 from tuner.data.dataset import TrainDataset
-from tuner.data.items import collect_items
+from tuner.data.items import collect_items, data_fingerprint
 from tuner.data.sampler import BucketBatchSampler
 from tuner.data.stream import batch_stream
 from tuner.devices import place
 from tuner.recipe import Recipe
-from tuner.training import checkpoint, dreambooth
-from tuner.training.loop import Run, run_steps
+from tuner.training import changes, checkpoint, dreambooth
+from tuner.training.loop import Run, run_steps, stop_text_encoder_training
 from tuner.training.optim import build_optimizer, build_scheduler
-from tuner.training.outputs import finish_outputs, prepare_output_dir
+from tuner.training.outputs import check_output_dir, claim_output_dir, finish_outputs
 
 log = logging.getLogger("tuner")
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -59,22 +59,32 @@ def run_training(recipe: Recipe, *, count_flops: bool = False) -> TrainingResult
     if family is not None:
         family.validate(recipe)
     resume_from = checkpoint.resolve_resume(recipe.train.resume, output_dir)
+    # Nothing in output.dir changes until every check that can fail before training has
+    # passed (data, model, the resumed recipe): a refused run leaves the folder as it was.
+    ownership = check_output_dir(recipe, output_dir, resume_from)
     accelerator = Accelerator(
         mixed_precision=recipe.train.mixed_precision,
         gradient_accumulation_steps=recipe.train.grad_accum,
         log_with=recipe.log.to or None,
         project_dir=str(output_dir),
     )
-    if accelerator.is_main_process:
-        prepare_output_dir(recipe, output_dir, resuming=resume_from is not None)
-    accelerator.wait_for_everyone()
+    is_main = accelerator.is_main_process
+    if is_main and ownership.notice:
+        log.warning("%s", ownership.notice)
     set_seed(recipe.train.seed, device_specific=True)
 
-    # 1. Data first: a bad dataset fails before minutes of model loading.
+    # 1. Data first: a bad dataset fails before minutes of model loading. The run's own
+    # output.dir is never read back as data (its sample grids), even inside a dataset folder.
     extra_sources = dreambooth.instance_sources(recipe)
-    items, report = collect_items(recipe.data, extra_sources)
-    if accelerator.is_main_process:
+    items, report = collect_items(
+        recipe.data, extra_sources, skip_dirs={str(output_dir): "the output.dir"}
+    )
+    fingerprint = data_fingerprint(items)
+    if is_main:
         log.info("%d training images in buckets:\n%s", len(items), report.histogram)
+        notice = changes.data_notice(ownership.recorded.get("data"), fingerprint, resume_from)
+        if notice:
+            log.warning("%s", notice)
 
     # 2. Model: frozen, in the compute dtype.
     if family is None:
@@ -126,10 +136,19 @@ def run_training(recipe: Recipe, *, count_flops: bool = False) -> TrainingResult
         None,
         output_dir,
         count_flops=count_flops,
+        record={
+            "run_id": ownership.run_id,
+            "recipe": recipe.model_dump(mode="json"),
+            "data": fingerprint,
+        },
     )
     if resume_from is not None:
         run.state = checkpoint.load_training_state(resume_from, run)
+        stop_text_encoder_training(run, run.state["step"])  # the lr the recipe gives now
         log.info("resumed from %s at step %d", resume_from, run.state["step"])
+    if is_main:
+        claim_output_dir(recipe, output_dir, ownership)
+    accelerator.wait_for_everyone()
 
     # 5. Data order: resumes at the saved (epoch, position).
     dataset = TrainDataset(items, recipe.data, plan, recipe.train.seed, class_items)
@@ -139,7 +158,7 @@ def run_training(recipe: Recipe, *, count_flops: bool = False) -> TrainingResult
         seed=recipe.train.seed,
     )
     run.batches = batch_stream(dataset, sampler, run.state, accelerator, recipe.data.num_workers)
-    if accelerator.is_main_process and recipe.log.to:
+    if is_main and recipe.log.to:
         accelerator.init_trackers(
             recipe.log.project, config=flat_config(recipe), init_kwargs=tracker_kwargs(recipe)
         )
