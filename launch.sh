@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # tuner launcher.
-#   ./launch.sh RECIPE [section.key=value ...]     train (accelerate launch, one process per GPU)
+#   ./launch.sh RECIPE [section.key=value ...]     train (one process per GPU)
 #   ./launch.sh --num-processes N [--config-file F] RECIPE [overrides]
 #   ./launch.sh test [pytest args]                  lint + the whole test suite
 #   ./launch.sh tuner ARGS...                       any tuner command (sample, grid, export, ...)
@@ -98,19 +98,22 @@ unset TUNER_NUM_PROCESSES TUNER_CONFIG_FILE
 if [ -n "$NUM_PROCESSES" ]; then export TUNER_NUM_PROCESSES="$NUM_PROCESSES"; fi
 if [ -n "$CONFIG_FILE" ]; then export TUNER_CONFIG_FILE="$CONFIG_FILE"; fi
 NUM_PROCESSES="${NUM_PROCESSES:-$(gpu_count)}"
-# mixed precision comes from the recipe (train.mixed_precision), which overrides this default.
-ARGS=(--num_processes "$NUM_PROCESSES" --num_machines 1 --dynamo_backend no --mixed_precision no)
-if [ -n "$CONFIG_FILE" ]; then
-  ARGS=(--config_file "$CONFIG_FILE" --num_processes "$NUM_PROCESSES")
-elif [ "$NUM_PROCESSES" -gt 1 ]; then
-  # torchrun-style launch; without CUDA each process joins a gloo (CPU) process group.
-  ARGS+=(--multi_gpu)
-fi
 if ! has_gpu; then
-  # Without this, accelerate starts N independent single processes on a CPU-only machine.
+  # Without this, N processes on a CPU-only machine would not join one (gloo) process group.
   export ACCELERATE_USE_CPU=1
   THREADS=$(( $(nproc) / NUM_PROCESSES ))
   export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(( THREADS > 0 ? THREADS : 1 ))}"
 fi
-# --debug given anywhere goes to tuner, not accelerate.
-exec "$PY" -m accelerate.commands.launch "${ARGS[@]}" -m tuner train "$@"
+# exec: the process that `kill`, `timeout`, a supervisor or `docker stop` signals is the trainer
+# itself (one process; Accelerator needs no launcher), or tuner's launcher, which forwards
+# SIGINT/SIGTERM to its workers and names the rank when one dies.
+if [ -n "$CONFIG_FILE" ]; then
+  # An accelerate config (DeepSpeed, FSDP, several machines): accelerate's own launcher.
+  exec "$PY" -m accelerate.commands.launch --config_file "$CONFIG_FILE" \
+    --num_processes "$NUM_PROCESSES" -m tuner train "$@"
+fi
+if [ "$NUM_PROCESSES" -gt 1 ]; then
+  exec "$PY" -m tuner.cli.launch "$NUM_PROCESSES" "$@"
+fi
+# mixed precision comes from the recipe (train.mixed_precision).
+exec "$PY" -m tuner train "$@"

@@ -15,8 +15,9 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
+from tuner import files
 from tuner.errors import TunerError
 
 DIFFUSERS_LORA = re.compile(
@@ -44,9 +45,15 @@ def read_adapter(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         path = path / "pytorch_lora_weights.safetensors"
     if not path.is_file():
         raise TunerError(f"{path}: adapter file not found; give an output dir or a .safetensors")
-    with safe_open(str(path), framework="pt") as handle:
-        metadata = handle.metadata() or {}
-    return load_file(str(path)), metadata
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+        return load_file(str(path)), metadata
+    except Exception as exc:  # SafetensorError: a .ckpt/.pt, a truncated or an HTML file
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:120]
+        raise TunerError(
+            f"{path}: not a readable .safetensors file ({reason}); give a LoRA saved as safetensors"
+        ) from exc
 
 
 def adapter_format(state: dict[str, torch.Tensor]) -> str:
@@ -309,11 +316,7 @@ def carried_metadata(metadata: dict[str, str]) -> dict[str, str]:
 
 def write_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict) -> Path:
     """Atomic write with string metadata."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(tensors, str(tmp), metadata={k: str(v) for k, v in metadata.items()})
-    tmp.replace(path)
-    return path
+    return files.save_safetensors(tensors, Path(path), metadata)
 
 
 def add_metadata(path: Path, extra: dict[str, str]) -> None:

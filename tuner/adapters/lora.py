@@ -13,6 +13,7 @@ from diffusers.training_utils import cast_training_params
 from peft import LoraConfig, inject_adapter_in_model
 from peft.utils import get_peft_model_state_dict
 
+from tuner import files
 from tuner.errors import TunerError
 
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"
@@ -54,13 +55,38 @@ def denoiser_targets(adapter, family, denoiser) -> list[str] | str:
     return targets
 
 
+def check_rank(rank: int, denoiser: torch.nn.Module, targets) -> None:
+    """A rank no targeted layer can use (above min(in, out) of every one) is refused: it only
+    costs memory and time (a rank of 100000 runs out of memory after minutes of setup)."""
+    pattern = re.compile(targets) if isinstance(targets, str) else None
+    widths = []
+    for name, module in denoiser.named_modules():
+        hit = (
+            pattern.fullmatch(name)
+            if pattern
+            else any(name == t or name.endswith("." + t) for t in targets)
+        )
+        if not hit:
+            continue
+        if isinstance(module, torch.nn.Linear):
+            widths.append(min(module.in_features, module.out_features))
+        elif isinstance(module, torch.nn.Conv2d):
+            k = module.kernel_size[0] * module.kernel_size[1]
+            widths.append(min(module.in_channels * k, module.out_channels))
+    if widths and rank > max(widths):
+        raise TunerError(
+            f"adapter.rank: {rank} is larger than any targeted layer can use (the widest "
+            f"allows {max(widths)}: min(in, out) features); use adapter.rank <= {max(widths)}"
+        )
+
+
 def inject(comps, adapter, family) -> dict[str, torch.nn.Module]:
     """Add LoRA to the denoiser (and text encoders if asked). Returns the trained modules by
     their pipeline component name. LoRA weights are fp32 whatever the base dtype."""
     trained = {}
-    comps.denoiser.add_adapter(
-        lora_config(adapter, denoiser_targets(adapter, family, comps.denoiser))
-    )
+    targets = denoiser_targets(adapter, family, comps.denoiser)
+    check_rank(adapter.rank, comps.denoiser, targets)
+    comps.denoiser.add_adapter(lora_config(adapter, targets))
     trained[family.spec.denoiser] = comps.denoiser
     if adapter.text_encoder:
         for name, encoder in comps.text_encoders.items():
@@ -154,15 +180,19 @@ def save_adapter(
 ) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     states = float_cpu({name: peft_state(module) for name, module in trained.items()})
-    # Written beside the target and renamed: an existing adapter is never half-overwritten.
-    staging = Path(tempfile.mkdtemp(prefix=".saving-", dir=directory))
-    try:
-        write_diffusers_file(staging, family, states, adapter_metadata(trained), weight_name)
-        if extra_metadata:  # before publishing: the final file never lacks its metadata
-            from tuner.adapters.formats import add_metadata
 
-            add_metadata(staging / weight_name, extra_metadata)
-        os.replace(staging / weight_name, directory / weight_name)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    # Written beside the target and renamed: an existing adapter is never half-overwritten.
+    def write(tmp: Path) -> None:
+        staging = Path(tempfile.mkdtemp(prefix=".saving-", dir=directory))
+        try:
+            write_diffusers_file(staging, family, states, adapter_metadata(trained), weight_name)
+            if extra_metadata:  # before publishing: the final file never lacks its metadata
+                from tuner.adapters.formats import add_metadata
+
+                add_metadata(staging / weight_name, extra_metadata)
+            os.replace(staging / weight_name, tmp)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    files.write_file(directory / weight_name, write)
     return directory / weight_name

@@ -48,6 +48,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+PEER_LOST = 3
+
+
+def peer_lost(exc: BaseException) -> bool:
+    """A collective failed because another process is gone (gloo/NCCL/TCPStore errors)."""
+    try:
+        import torch.distributed as dist
+    except ImportError:
+        return False
+    if isinstance(exc, getattr(dist, "DistError", ())):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and any(
+        s in text for s in ("gloo", "Gloo", "NCCL", "Connection closed by peer", "Broken pipe")
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     debug = "--debug" in argv
@@ -61,11 +78,22 @@ def main(argv: list[str] | None = None) -> int:
     except TunerError as exc:
         if debug:
             raise
-        print(f"error: {exc}", file=sys.stderr)
+        rank = int(os.environ.get("RANK", "0") or 0)
+        if rank == 0:
+            print(f"error: {exc}", file=sys.stderr)
+        elif type(exc).__name__ != "Stopped":  # every rank stops alike; rank 0 says it once
+            print(f"error: rank {rank}: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        if os.environ.get("RANK", "0") in ("", "0"):
+            print("interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:
+        # A process of a multi-process run whose peer died: the launcher names the rank that
+        # died and the last checkpoint, so this one exits quietly (3) instead of a traceback.
+        if not debug and os.environ.get("TUNER_LAUNCHER") and peer_lost(exc):
+            return PEER_LOST
+        raise
 
 
 if __name__ == "__main__":

@@ -10,15 +10,20 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import logging
 import os
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
+from tuner import files
 from tuner.data.items import Item, prepare_image
 from tuner.devices import on_device
+from tuner.errors import TunerError
+
+log = logging.getLogger("tuner")
 
 
 def default_cache_dir() -> Path:
@@ -49,12 +54,36 @@ class TensorCache:
     def load(self, key: str) -> dict[str, torch.Tensor]:
         return load_file(str(self.path(key)))
 
+    def problem(self, key: str, expected: dict[str, tuple] | None = None) -> str | None:
+        """Why the entry cannot be used (unreadable, a shape or dtype the model does not make,
+        non-finite values), or None when it is fine."""
+        try:
+            tensors = self.load(key)
+        except Exception as exc:  # truncated, zero bytes, garbage header: all unusable
+            return f"unreadable: {(str(exc).strip().splitlines() or [type(exc).__name__])[0]}"
+        for name, shape in (expected or {}).items():
+            if name not in tensors:
+                return f"no {name!r} tensor"
+            tensor = tensors[name]
+            if tensor.dtype != torch.float32:
+                return f"{name} is {tensor.dtype}, not torch.float32"
+            if tuple(tensor.shape) != tuple(shape):
+                return f"{name} has shape {tuple(tensor.shape)}; the model makes {tuple(shape)}"
+        for name, tensor in tensors.items():
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                return f"non-finite values in {name}"
+        return None
+
+    def discard(self, key: str) -> None:
+        self.path(key).unlink(missing_ok=True)
+
     def save(self, key: str, tensors: dict[str, torch.Tensor]) -> None:
-        path = self.path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
-        os.replace(tmp, path)  # readers never see a half-written entry
+        # Atomic: readers never see a half-written entry.
+        files.save_safetensors(
+            {k: v.detach().contiguous().cpu() for k, v in tensors.items()},
+            self.path(key),
+            hint="free space, or set data.cache_dir to a folder on a disk with room",
+        )
 
 
 def latent_key(image_hash: str, size: tuple[int, int], crop: str, flip: bool, identity: str) -> str:
@@ -75,11 +104,46 @@ class CachePlan:
     crop: str  # effective crop mode ("center" when latents are cached)
 
 
+def latent_shape(comps, size: tuple[int, int]) -> tuple[int, int, int]:
+    """(channels, height, width) of the latent the family's VAE makes for an item size
+    (width, height)."""
+    config = comps.vae.config
+    scale = 2 ** (len(config.block_out_channels) - 1)
+    return (config.latent_channels, size[1] // scale, size[0] // scale)
+
+
+def report_unusable(kind: str, bad: list[tuple[Path, str]]) -> None:
+    if bad:
+        path, reason = bad[0]
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        log.warning(
+            "cache: %d %s entr%s could not be used: %s: %s%s; deleted, encoding again",
+            len(bad),
+            kind,
+            "y" if len(bad) == 1 else "ies",
+            path,
+            reason,
+            more,
+        )
+
+
+def check_finite(tensor: torch.Tensor, what: str) -> None:
+    if not bool(torch.isfinite(tensor).all()):
+        raise TunerError(
+            f"{what}: the model made non-finite values (an fp16 overflow?); train with "
+            "train.mixed_precision=bf16 or no, or use a VAE that is fp16-safe (model.vae_path)"
+        )
+
+
 @torch.no_grad()
 def build_cache(
     items: list[Item], data, plan: CachePlan, family, comps, device, batch_size: int = 8
 ) -> dict[str, int]:
-    """Encode every missing latent / prompt once. Returns hit/made counts."""
+    """Encode every missing latent / prompt once. Returns hit/made counts.
+
+    Each hit is checked here once (readable, finite, the shape and dtype the model makes), so
+    the training step never pays for it: an unusable entry is reported, deleted and made
+    again."""
     stats = {"hit": 0, "made": 0}
     if plan.latents is not None:
         _cache_latents(items, data, plan, family, comps, device, batch_size, stats)
@@ -93,15 +157,23 @@ def build_cache(
 
 def _cache_latents(items, data, plan, family, comps, device, batch_size, stats) -> None:
     todo: dict[str, tuple[Item, bool]] = {}
+    seen: set[str] = set()
+    bad: list[tuple[Path, str]] = []
     for item in items:
         for flip in (False, True) if data.flip else (False,):
             key = latent_key(item.image_hash, item.size, plan.crop, flip, plan.identity)
-            if key in todo:
+            if key in todo or key in seen:
                 continue
+            seen.add(key)
             if plan.latents.has(key):
-                stats["hit"] += 1
-            else:
-                todo[key] = (item, flip)
+                problem = plan.latents.problem(key, {"latents": latent_shape(comps, item.size)})
+                if problem is None:
+                    stats["hit"] += 1
+                    continue
+                bad.append((plan.latents.path(key), problem))
+                plan.latents.discard(key)
+            todo[key] = (item, flip)
+    report_unusable("latent", bad)
     if not todo:
         return
     by_size: dict[tuple[int, int], list[str]] = {}
@@ -123,6 +195,7 @@ def _encode_latents(todo, by_size, plan, family, comps, device, batch_size, stat
             generator = torch.Generator(device).manual_seed(int(chunk[0][:12], 16))
             latents = family.encode_images(comps, pixels, generator)
             for key, (_, crop_top_left, original_size), latent in zip(chunk, prepared, latents):
+                check_finite(latent, f"latent of {todo[key][0].record.key}")
                 plan.latents.save(
                     key,
                     {
@@ -136,7 +209,17 @@ def _encode_latents(todo, by_size, plan, family, comps, device, batch_size, stat
 
 
 def _cache_texts(captions, plan, family, comps, device, batch_size, stats) -> None:
-    todo = [c for c in captions if not plan.texts.has(text_key(c, plan.identity))]
+    todo, bad = [], []
+    for caption in captions:
+        key = text_key(caption, plan.identity)
+        if plan.texts.has(key):
+            problem = plan.texts.problem(key)
+            if problem is None:
+                continue
+            bad.append((plan.texts.path(key), problem))
+            plan.texts.discard(key)
+        todo.append(caption)
+    report_unusable("prompt", bad)
     stats["hit"] += len(captions) - len(todo)
     if not todo:
         return
@@ -145,6 +228,9 @@ def _cache_texts(captions, plan, family, comps, device, batch_size, stats) -> No
             chunk = todo[start : start + batch_size]
             encoded = family.encode_prompts(comps, chunk)
             for row, caption in enumerate(chunk):
+                for name, value in encoded.items():
+                    if value.is_floating_point():
+                        check_finite(value[row], f"{name} of the caption {caption!r}")
                 plan.texts.save(
                     text_key(caption, plan.identity),
                     {name: value[row] for name, value in encoded.items()},

@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import re
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -80,29 +81,57 @@ def _from_folder(
     return records
 
 
+# Image types Pillow may open but tuner does not train on (animated, layered, HDR, camera raw):
+# counted and named in one warning, never skipped silently.
+SKIPPED_IMAGE_EXTS = (
+    ".gif", ".tif", ".tiff", ".heic", ".heif", ".avif", ".jxl", ".svg", ".psd", ".ico",
+    ".jp2", ".exr", ".hdr", ".dng", ".cr2", ".nef", ".arw",
+)  # fmt: skip
+
+
 def _walk_images(root: str, skip_dirs: Mapping[str, str] | None = None) -> list[str]:
     """Image files under root, recursively, sorted by relative path. Hidden files and
     folders are skipped (macOS '._x.jpg' forks, .ipynb_checkpoints, .cache...), and so are
-    the skip_dirs (each with one line saying so)."""
+    the skip_dirs (each with one line saying so). Symlinked folders are read (each real
+    folder once); unsupported image types are named in a warning."""
     given, root = root, os.path.abspath(root)
     skip = {os.path.realpath(p): (p, why) for p, why in (skip_dirs or {}).items()}
-    found = []
-    for folder, dirs, files in os.walk(root):
+    found, skipped, seen = [], Counter(), set()
+    for folder, dirs, files in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:  # a link back up the tree, or two links to one folder
+            dirs[:] = []
+            continue
+        seen.add(real)
         kept = []
         for d in sorted(dirs):
             if d.startswith("."):
                 continue
-            skipped = skip.get(os.path.realpath(os.path.join(folder, d)))
-            if skipped:
+            skipped_dir = skip.get(os.path.realpath(os.path.join(folder, d)))
+            if skipped_dir:
                 log.warning(
-                    "%s: skipping %s (%s): its files are not training data", given, *skipped
+                    "%s: skipping %s (%s): its files are not training data", given, *skipped_dir
                 )
                 continue
             kept.append(d)
         dirs[:] = kept
         for name in files:
-            if not name.startswith(".") and name.lower().endswith(IMAGE_EXTS):
+            if name.startswith("."):
+                continue
+            ext = os.path.splitext(name)[1].lower()
+            if ext in IMAGE_EXTS:
                 found.append(os.path.join(folder, name))
+            elif ext in SKIPPED_IMAGE_EXTS:
+                skipped[ext] += 1
+    if skipped:
+        kinds = ", ".join(f"{count} {ext}" for ext, count in sorted(skipped.items()))
+        log.warning(
+            "%s: skipped %d files of unsupported image types (%s); convert them to png or "
+            "jpg to train on them",
+            root,
+            sum(skipped.values()),
+            kinds,
+        )
     # Sort on '/'-joined relative parts so order doesn't depend on os.walk or OS.
     return sorted(found, key=lambda p: os.path.relpath(p, root).split(os.sep))
 
@@ -112,9 +141,19 @@ def _read_sidecar(image_path: str, caption_ext: str) -> str | None:
     sidecar = os.path.splitext(image_path)[0] + ext
     if not os.path.isfile(sidecar):
         return None
-    with open(sidecar, encoding="utf-8", errors="replace") as f:
-        # Windows editors often prepend a BOM, which would end up in the prompt.
-        return f.read().lstrip("\ufeff").strip()
+    with open(sidecar, "rb") as f:
+        raw = f.read()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        # Most often cp1252/latin-1 from an old editor: read as such, and say so.
+        text = raw.decode("cp1252", errors="replace")
+        log.warning(
+            "caption %s is not UTF-8; read it as Windows-1252 (save it as UTF-8 to be sure)",
+            sidecar,
+        )
+    # Windows editors often prepend a BOM, which would end up in the prompt.
+    return text.lstrip("\ufeff").strip()
 
 
 def _from_metadata(

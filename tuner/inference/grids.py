@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
+from tuner import files
 from tuner.devices import on_device
 from tuner.errors import TunerError
 from tuner.inference.render import Cell, png_info, render_batch, set_scheduler
@@ -117,15 +117,16 @@ def make_grid(
 def save_grid(sheet: Image.Image, meta: dict, path: Path) -> Path:
     """The grid PNG and, beside it, the JSON index of every cell (same name, .json)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     meta = {**meta, "image": path.name}
-    sheet.save(
+    files.save_image(
+        sheet,
         path,
+        format="PNG",
         pnginfo=png_info(
             {"grid": meta["rows"] + meta["cols"], "index": path.with_suffix(".json").name}
         ),
     )
-    path.with_suffix(".json").write_text(json.dumps(meta, indent=2))
+    files.write_json(path.with_suffix(".json"), meta)
     return path
 
 

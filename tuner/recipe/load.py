@@ -20,7 +20,15 @@ def load_recipe(path: str | Path, overrides: tuple[str, ...] | list[str] = ()) -
     if not path.is_file():
         raise TunerError(f"{path}: recipe file not found; check the path")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        line = path.read_bytes()[: exc.start].count(b"\n") + 1
+        raise TunerError(
+            f"{path}:{line}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x}); save the "
+            "recipe as UTF-8"
+        ) from None
+    try:
+        raw = yaml.load(text, Loader=UniqueKeyLoader) or {}
     except yaml.YAMLError as exc:
         raise TunerError(f"{path}: not valid YAML ({_first_line(exc)})") from exc
     if not isinstance(raw, dict):
@@ -34,6 +42,29 @@ def load_recipe(path: str | Path, overrides: tuple[str, ...] | list[str] = ()) -
         tuple(o for o in overrides if not o.startswith("train.resume=")),
     )
     return recipe
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load, except that a key given twice in one mapping is an error: plain YAML
+    lets the second `train:` block silently replace the first."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                first = seen.setdefault(key, key_node.start_mark.line + 1)
+            except TypeError:  # an unhashable key: the base class reports it
+                continue
+            if first != key_node.start_mark.line + 1:
+                raise yaml.constructor.ConstructorError(
+                    None,
+                    None,
+                    f"duplicate key {key!r} at line {key_node.start_mark.line + 1} "
+                    f"(first at line {first}); keep one",
+                    key_node.start_mark,
+                )
+        return super().construct_mapping(node, deep=deep)
 
 
 def validate_recipe(raw: dict, source: str = "<recipe>") -> Recipe:
@@ -57,6 +88,7 @@ _EXPECTED = {
     "model_type": "a mapping",
     "dict_type": "a mapping",
     "model_attributes_type": "a mapping",
+    "finite_number": "a finite number",
 }
 
 

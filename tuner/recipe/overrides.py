@@ -52,6 +52,10 @@ def _walk(raw: dict, dotted: str, *, create: bool, item: str):
             raise TunerError(f"override {item!r}: {part!r} is not a section")
     if isinstance(node, list):
         _list_index(node, parts[-1], item)
+    elif not isinstance(node, dict):
+        where = ".".join(parts[:-1])
+        fix = f"~{where}" if item.startswith("~") else f"{where}=VALUE"
+        raise TunerError(f"override {item!r}: {where} is {node!r}, not a section; use {fix}")
     return node, parts[-1]
 
 

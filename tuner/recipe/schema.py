@@ -18,7 +18,8 @@ from pydantic import (
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # inf/nan are never a meaningful setting (train.lr=inf trains nothing but NaNs).
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class ModelSection(Section):

@@ -16,11 +16,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from tuner import files
 from tuner.errors import TunerError
 
 STEP_DIR = re.compile(r"^step-(\d{6,})$")
 STATE_FILE = "tuner_state.json"
-LOOP_KEYS = ("step", "epoch", "position")  # the rest of tuner_state.json: run_id, recipe, data
+# The loop state in tuner_state.json; the rest of it is the run id, recipe and data record.
+LOOP_KEYS = ("step", "epoch", "position", "applied")
 
 
 def step_dir_name(step: int) -> str:
@@ -61,33 +63,34 @@ def read_state(checkpoint: Path) -> dict:
     return json.loads((checkpoint / STATE_FILE).read_text())
 
 
+class CheckpointError(TunerError):
+    """A checkpoint could not be written; earlier ones are intact."""
+
+
 def write_checkpoint(
     output_dir: Path, step: int, save_contents, state: dict, is_main: bool, keep: int
 ) -> Path:
-    """save_contents(tmp_dir) writes everything; then the folder is published atomically."""
+    """save_contents(tmp_dir) writes everything; then the folder is published atomically
+    (tuner.files.write_folder: a failed write leaves no `.tmp-step-*` folder behind)."""
     root = Path(output_dir) / "checkpoints"
     final = root / step_dir_name(step)
-    tmp = root / f".tmp-{step_dir_name(step)}"
     try:
         if is_main:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        save_contents(tmp)
-        if is_main:
-            (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))
-            _fsync_tree(tmp)
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
+            with files.write_folder(final) as tmp:
+                save_contents(tmp)
+                files.write_json(tmp / STATE_FILE, state)
             prune(output_dir, keep, state.get("run_id"))
-    except OSError as exc:  # disk full, quota, permissions: earlier checkpoints stay intact
-        shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            save_contents(root / f".tmp-{final.name}")
+    except files.WriteError as exc:  # disk full, quota, permissions: earlier checkpoints stay
         previous = complete_checkpoints(output_dir)
         kept = f"the last complete checkpoint is {previous[-1]}" if previous else "none saved yet"
-        raise TunerError(
-            f"could not save checkpoint {final.name} ({exc.strerror or exc}); "
+        error = CheckpointError(
+            f"could not save checkpoint {final.name} ({exc.reason}); "
             f"{kept}; free space and resume with train.resume=latest"
-        ) from exc
+        )
+        error.reason, error.previous = exc.reason, previous[-1] if previous else None
+        raise error from exc
     return final
 
 
@@ -106,58 +109,108 @@ def _run_id_of(folder: Path) -> str | None:
         return "<unreadable>"  # never ours: left alone
 
 
-def _fsync_tree(folder: Path) -> None:
-    # Make the bytes durable before the rename publishes them (a crash right after a rename
-    # must not leave a "complete" folder of empty files).
-    for path in folder.rglob("*"):
-        if path.is_file():
-            with open(path, "rb") as handle:
-                os.fsync(handle.fileno())
-
-
 # --- what a checkpoint holds --------------------------------------------------------------
 
 
-def save_training_state(run) -> Path:
+def save_training_state(run) -> Path | None:
     """LoRA weights (PEFT names, for resuming, and a diffusers-format adapter, for using),
-    optimizer (8-bit states included), LR schedule, grad scaler and RNG states."""
-    from safetensors.torch import save_file
+    optimizer (8-bit states included), LR schedule, grad scaler and RNG states. Written by the
+    main process (every process joins the barrier); a checkpoint that cannot be written to
+    output.dir is written to the rescue folder instead (see save_or_rescue)."""
+    accelerator, final, error = run.accelerator, None, None
+    if accelerator.is_main_process:
+        try:
+            final = save_or_rescue(run)
+        except TunerError as exc:
+            error = exc
+    accelerator.wait_for_everyone()
+    if error is not None:
+        raise error
+    return final
 
+
+def write_training_state(run, output_dir: Path) -> Path:
+    """One checkpoint of the run's current state under output_dir/checkpoints (main process)."""
     from tuner.adapters import lora
 
-    accelerator = run.accelerator
-
     def contents(folder: Path) -> None:
-        if accelerator.is_main_process:
-            lora.save_adapter(folder, run.family, run.trained)
-            weights = {
-                f"{name}::{k}": v.detach().cpu().contiguous()
-                for name, module in run.trained.items()
-                for k, v in lora.peft_state(module).items()
-            }
-            save_file(weights, str(folder / "lora_state.safetensors"))
-            scaler = accelerator.scaler.state_dict() if accelerator.scaler else None
-            torch.save(
-                {
-                    "optimizer": run.optimizer.state_dict(),
-                    "scheduler": run.scheduler.state_dict(),
-                    "rng": rng_state(),
-                    "scaler": scaler,
-                },
-                folder / "training_state.pt",
-            )
-        accelerator.wait_for_everyone()
+        lora.save_adapter(folder, run.family, run.trained)
+        weights = {
+            f"{name}::{k}": v.detach().cpu().contiguous()
+            for name, module in run.trained.items()
+            for k, v in lora.peft_state(module).items()
+        }
+        files.save_safetensors(weights, folder / "lora_state.safetensors")
+        scaler = run.accelerator.scaler.state_dict() if run.accelerator.scaler else None
+        files.torch_save(
+            {
+                "optimizer": run.optimizer.state_dict(),
+                "scheduler": run.scheduler.state_dict(),
+                "rng": rng_state(),
+                "scaler": scaler,
+            },
+            folder / "training_state.pt",
+        )
 
-    final = write_checkpoint(
-        run.output_dir,
+    return write_checkpoint(
+        output_dir,
         run.state["step"],
         contents,
-        {**run.state, **run.record},  # where the loop is; the run id, recipe and data
-        accelerator.is_main_process,
+        {**run.state, **run.record},
+        True,
         run.recipe.output.keep,
     )
-    accelerator.wait_for_everyone()
-    return final
+
+
+def rescue_dir(output_dir: Path) -> Path:
+    """Where a checkpoint goes when output.dir cannot take it: $TUNER_RESCUE_DIR, else the
+    system temp folder (usually another filesystem than a full data disk)."""
+    import hashlib
+    import tempfile
+
+    base = os.environ.get("TUNER_RESCUE_DIR") or tempfile.gettempdir()
+    tag = hashlib.sha256(str(Path(output_dir).resolve()).encode()).hexdigest()[:8]
+    return Path(base) / "tuner-rescue" / f"{Path(output_dir).name}-{tag}"
+
+
+def save_or_rescue(run) -> Path:
+    """The checkpoint in output.dir; failing that, in rescue_dir, and the error line says where
+    the weights are and how to resume from them. The trained state is never just dropped."""
+    try:
+        return write_training_state(run, run.output_dir)
+    except CheckpointError as exc:
+        failed = exc
+    rescue = rescue_dir(run.output_dir)
+    try:
+        saved = write_training_state(run, rescue)
+    except CheckpointError as again:
+        raise CheckpointError(
+            f"{failed}; a copy in {rescue} failed too ({again.reason}), so step "
+            f"{run.state['step']} is lost"
+        ) from again
+    step = step_dir_name(run.state["step"])
+    raise CheckpointError(
+        f"could not save checkpoint {step} in {run.output_dir} ({failed.reason}); the trained "
+        f"weights were saved to {saved} instead: free space and resume with: "
+        f"{run.recipe.command(f'train.resume={saved}')}"
+    ) from failed
+
+
+def keep_final_weights(run, exc: Exception) -> TunerError:
+    """The final outputs could not be written: make sure a checkpoint of the final step exists
+    (writing one, or a rescue copy, if needed) and return the line that says where it is."""
+    step = run.state["step"]
+    done = [p for p in complete_checkpoints(run.output_dir) if read_state(p)["step"] == step]
+    what = f"final outputs not complete: {exc}"
+    if not done:
+        try:
+            done = [save_or_rescue(run)]
+        except CheckpointError as rescued:
+            return TunerError(f"{what}; {rescued}")
+    return TunerError(
+        f"{what}; checkpoint {done[-1].name} holds the trained weights: free space and resume "
+        f"with: {run.recipe.command('train.resume=latest')} (it only writes the outputs)"
+    )
 
 
 def load_training_state(folder: Path, run) -> dict:
@@ -188,6 +241,7 @@ def load_training_state(folder: Path, run) -> dict:
     if saved.get("scaler") and run.accelerator.scaler:
         run.accelerator.scaler.load_state_dict(saved["scaler"])
     state = read_state(folder)
+    state.setdefault("applied", state["step"])  # checkpoints from before the count
     return {key: state[key] for key in LOOP_KEYS}
 
 

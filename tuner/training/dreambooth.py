@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from tuner import files
 from tuner.data.cache import default_cache_dir, digest
 from tuner.data.images import IMAGE_EXTS
 from tuner.data.items import DataReport, _items_of
@@ -117,9 +118,8 @@ def render_class_images(recipe, pipe, folder: Path, todo: list[int], device) -> 
         )
         for index, cell, image in zip(chunk, cells, images):
             path = class_image_path(folder, index)
-            tmp = path.with_name(f".{path.name}.tmp")
-            image.save(tmp, format="PNG", pnginfo=png_info(cell.settings()))
-            path.with_suffix(".txt").write_text(db.class_prompt, encoding="utf-8")
-            tmp.replace(path)
+            # The caption first: a class image on disk always has its caption.
+            files.write_text(path.with_suffix(".txt"), db.class_prompt)
+            files.save_image(image, path, format="PNG", pnginfo=png_info(cell.settings()))
         bar.update(len(chunk))
     bar.close()

@@ -37,7 +37,10 @@ class Run:
     batches: object
     output_dir: Path
     count_flops: bool = False  # count the first step's FLOPs (benchmarks' MFU)
-    state: dict = field(default_factory=lambda: {"step": 0, "epoch": 0, "position": 0})
+    # applied: steps whose update was applied (not skipped as non-finite)
+    state: dict = field(
+        default_factory=lambda: {"step": 0, "epoch": 0, "position": 0, "applied": 0}
+    )
     record: dict = field(default_factory=dict)  # what each checkpoint records: run id, recipe, data
     stats: dict = field(default_factory=lambda: {"log_times": [], "flops": None})
 
@@ -90,7 +93,9 @@ def run_steps(run: Run) -> None:
             step = run.state["step"] + 1
             finite = train_one_step(run, running)
             bad_steps = 0 if finite else bad_steps + 1
-            if not finite:
+            if finite:
+                run.state["applied"] = run.state.get("applied", step - 1) + 1
+            else:
                 check_non_finite(run, step, bad_steps)
             run.scheduler.step()
             stop_text_encoder_training(run, step)
@@ -101,12 +106,18 @@ def run_steps(run: Run) -> None:
                 checkpoint.save_training_state(run)
             sample_during_training(run, step)
             if stopper.requested:
-                raise TunerError(
+                raise Stopped(
                     f"stopped by {stopper.signal_name} at step {step}; resume with: "
                     f"{run.recipe.command('train.resume=latest')}"
                 )
     finally:
         bar.close()
+    if run.state.get("applied", run.state["step"]) == 0:
+        # Nothing trained: an adapter marked finished would be the untrained initialization.
+        raise TunerError(
+            f"all {run.state['step']} steps had non-finite loss/gradients and were skipped; "
+            "no adapter was written. Lower train.lr, or use bf16 instead of fp16"
+        )
     log.info("trained %d steps in %.1fs", train_cfg.steps, time.perf_counter() - started)
 
 
@@ -220,6 +231,10 @@ def flop_counter(stats: dict, enabled: bool):
     with FlopCounterMode(display=False) as counter:
         yield
     stats["flops"] = float(counter.get_total_flops())
+
+
+class Stopped(TunerError):
+    """Stopped by a signal after saving a checkpoint; every process raises it, rank 0 prints."""
 
 
 class GracefulStop:

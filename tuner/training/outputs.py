@@ -12,6 +12,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tuner import files
 from tuner.adapters import formats, lora
 from tuner.adapters.metadata import training_metadata
 from tuner.data.captions import tag_frequency
@@ -152,23 +153,16 @@ def kohya_export_possible(recipe) -> bool:
 
 
 def write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
+    files.write_text(path, text)
 
 
 def finish_outputs(
     recipe, output_dir: Path, family, comps, trained, accelerator, steps: int, report
 ) -> None:
     """Final adapter in every requested format, the final grid, the model card."""
-    try:
-        write_outputs(recipe, output_dir, family, comps, trained, accelerator, steps, report)
-    except OSError as exc:  # disk full, quota: files are written atomically, so none is partial
-        raise TunerError(
-            f"could not write the final outputs to {output_dir} "
-            f"({exc.strerror or exc}); checkpoints are intact: free space and rerun "
-            "with train.resume=latest"
-        ) from exc
+    # Every file goes through tuner.files: a failed write is one files.WriteError and leaves no
+    # partial file; run.py then keeps a checkpoint of the final weights (never lost).
+    write_outputs(recipe, output_dir, family, comps, trained, accelerator, steps, report)
 
 
 def write_outputs(

@@ -15,7 +15,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
-from tuner import families
+from tuner import families, files
 from tuner.adapters import lora
 from tuner.data.cache import CachePlan, TensorCache, build_cache, default_cache_dir
 from tuner.data.dataset import TrainDataset
@@ -23,6 +23,7 @@ from tuner.data.items import collect_items, data_fingerprint
 from tuner.data.sampler import BucketBatchSampler
 from tuner.data.stream import batch_stream
 from tuner.devices import place
+from tuner.errors import TunerError
 from tuner.recipe import Recipe
 from tuner.training import changes, checkpoint, dreambooth
 from tuner.training.loop import Run, run_steps, stop_text_encoder_training
@@ -58,6 +59,7 @@ def run_training(recipe: Recipe, *, count_flops: bool = False) -> TrainingResult
     family = families.known_for(recipe.model)
     if family is not None:
         family.validate(recipe)
+    check_environment(recipe)
     resume_from = checkpoint.resolve_resume(recipe.train.resume, output_dir)
     # Nothing in output.dir changes until every check that can fail before training has
     # passed (data, model, the resumed recipe): a refused run leaves the folder as it was.
@@ -96,7 +98,15 @@ def run_training(recipe: Recipe, *, count_flops: bool = False) -> TrainingResult
     comps.denoiser.requires_grad_(False)
     for module in comps.frozen_modules().values():
         module.requires_grad_(False).eval()
+    # A rank no targeted layer can use fails now, not after the cache is built.
+    lora.check_rank(
+        recipe.adapter.rank,
+        comps.denoiser,
+        lora.denoiser_targets(recipe.adapter, family, comps.denoiser),
+    )
     device = accelerator.device
+    if accelerator.is_main_process:
+        warn_long_captions(report.captions, comps.tokenizers)
     class_items = dreambooth.class_items(recipe, family, comps, accelerator)
 
     # 3. Encode once: latents and prompts go to the disk cache; encoders leave the GPU.
@@ -168,9 +178,12 @@ def run_training(recipe: Recipe, *, count_flops: bool = False) -> TrainingResult
     peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else 0
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        finish_outputs(
-            recipe, output_dir, family, comps, trained, accelerator, run.state["step"], report
-        )
+        try:
+            finish_outputs(
+                recipe, output_dir, family, comps, trained, accelerator, run.state["step"], report
+            )
+        except files.WriteError as exc:  # the weights are in memory: keep them on disk
+            raise checkpoint.keep_final_weights(run, exc) from exc
     accelerator.end_training()
     return TrainingResult(
         output_dir,
@@ -182,6 +195,71 @@ def run_training(recipe: Recipe, *, count_flops: bool = False) -> TrainingResult
         peak,
         run.stats["flops"],
     )
+
+
+def check_environment(recipe: Recipe) -> None:
+    """Settings this machine cannot apply are refused before anything loads, never ignored."""
+    import os
+
+    if recipe.train.mixed_precision == "fp16" and (
+        not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU")
+    ):
+        raise TunerError(
+            "train.mixed_precision: fp16 needs a CUDA GPU and this run is on the CPU; "
+            "set train.mixed_precision=bf16 or no"
+        )
+    if "wandb" in recipe.log.to:
+        check_wandb()
+
+
+def check_wandb() -> None:
+    import importlib.util
+    import netrc
+    import os
+
+    if importlib.util.find_spec("wandb") is None:
+        raise TunerError(
+            "log.to: wandb is not installed; pip install wandb, or remove wandb from log.to"
+        )
+    if os.environ.get("WANDB_MODE", "").lower() in ("offline", "dryrun", "disabled"):
+        return
+    if os.environ.get("WANDB_API_KEY"):
+        return
+    host = (os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai").split("//")[-1]
+    try:
+        found = netrc.netrc(os.environ.get("NETRC")).authenticators(host.split("/")[0])
+    except (OSError, netrc.NetrcParseError):
+        found = None
+    if not found:
+        raise TunerError(
+            "log.to: wandb has no API key (no WANDB_API_KEY, no `wandb login`); log in, set "
+            "WANDB_MODE=offline to log locally, or remove wandb from log.to"
+        )
+
+
+def warn_long_captions(captions: list[str], tokenizers: dict) -> None:
+    """One line when captions run past the (CLIP) tokenizer's limit: the rest is cut off."""
+    limited = [
+        (name, tok)
+        for name, tok in tokenizers.items()
+        if tok is not None and 0 < getattr(tok, "model_max_length", 0) <= 1024
+    ]
+    if not limited or not captions:
+        return
+    name, tok = min(limited, key=lambda pair: pair[1].model_max_length)
+    limit = tok.model_max_length
+    too_long = {c for c in set(captions) if len(tok(c, truncation=False).input_ids) > limit}
+    long = [c for c in captions if c in too_long]
+    if long:
+        log.warning(
+            "data: %d of %d captions are longer than the %d-token limit of %s (e.g. %r); "
+            "the text past the limit is cut off",
+            len(long),
+            len(captions),
+            limit,
+            name,
+            long[0][:60] + ("..." if len(long[0]) > 60 else ""),
+        )
 
 
 def cache_plan(recipe: Recipe, comps) -> CachePlan:
