@@ -2,7 +2,7 @@
 # tuner launcher.
 #   ./launch.sh RECIPE [section.key=value ...]     train (one process per GPU)
 #   ./launch.sh --num-processes N [--config-file F] RECIPE [overrides]
-#   ./launch.sh test [pytest args]                  lint + the whole test suite
+#   ./launch.sh test [--slow] [pytest args]         lint + the fast tests (--slow: all but gpu)
 #   ./launch.sh tuner ARGS...                       any tuner command (sample, grid, export, ...)
 # On first use it creates .venv next to this file when `tuner` is not importable.
 set -euo pipefail
@@ -65,8 +65,21 @@ if [ "${1:-}" = "test" ]; then
   ensure_env test
   say "ruff check"
   "$PY" -m ruff check "$ROOT"
-  say "pytest"
-  exec "$PY" -m pytest "$@"
+  # The default run skips tests marked slow or gpu (pyproject addopts). --slow: everything but
+  # gpu; with -m EXPR as well, the not-gpu tests matching EXPR (-m slow: the slow tier alone).
+  slow="" marker="" args=()
+  while [ $# -gt 0 ]; do
+    case "$1" in
+      --slow) slow=1; shift ;;
+      -m) marker="${2:?-m needs a marker expression}"; shift 2 ;;
+      *) args+=("$1"); shift ;;
+    esac
+  done
+  if [ -n "$slow" ]; then
+    marker="not gpu${marker:+ and ($marker)}"
+  fi
+  say "pytest${marker:+ -m \"$marker\"}"
+  exec "$PY" -m pytest ${marker:+-m "$marker"} ${args[@]+"${args[@]}"}
 fi
 
 if [ "${1:-}" = "tuner" ]; then

@@ -72,6 +72,7 @@ def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 240) -> None:
         time.sleep(0.05)
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_is_bit_identical(tmp_path, style_dir):
     # 4 images x 2 repeats = 4 batches per epoch of batch 2; grad_accum 2 -> an epoch is 2
     # steps, so step 3 is inside the second epoch.

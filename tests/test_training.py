@@ -12,13 +12,6 @@ from tuner.inference.render import lora_scale
 from tuner.training.run import run_training
 
 
-def base_state(pipe) -> dict[str, dict[str, torch.Tensor]]:
-    return {
-        name: {k: v.clone() for k, v in getattr(pipe, name).state_dict().items()}
-        for name in ("unet", "vae", "text_encoder")
-    }
-
-
 def images(pipe, prompt="a red circle on a blue background", **kwargs):
     generator = torch.Generator().manual_seed(0)
     return pipe(
@@ -50,24 +43,6 @@ def fixed_eval_loss(result, latents, prompt_embeds, scale: float) -> float:
     return sum(losses) / len(losses)
 
 
-def test_only_lora_parameters_change(make_recipe):
-    base = base_state(load_pipeline("builtin:tiny-sd15"))
-    result = run_training(make_recipe("train.steps=3", "adapter.text_encoder=true"))
-    comps = result.comps
-    for name, module in (
-        ("unet", comps.denoiser),
-        ("vae", comps.vae),
-        ("text_encoder", comps.text_encoders["text_encoder"]),
-    ):
-        for key, value in module.state_dict().items():
-            if "lora_" in key:
-                continue
-            original = base[name][key.replace(".base_layer", "")]
-            assert torch.equal(value, original), f"{name}.{key} changed"
-    lora = {k: v for k, v in comps.denoiser.state_dict().items() if "lora_B" in k}
-    assert lora and any(v.abs().sum() > 0 for v in lora.values())  # and LoRA did train
-
-
 def test_loss_falls_when_memorizing_two_images(make_recipe, style_dir):
     for extra in sorted(style_dir.iterdir())[4:]:
         extra.unlink()  # keep 2 images (png + txt each)
@@ -89,10 +64,15 @@ def test_loss_falls_when_memorizing_two_images(make_recipe, style_dir):
 
 
 def test_same_seed_same_adapter_and_other_seed_differs(make_recipe, tmp_path):
-    first = load_file(str(run_training(make_recipe()).output_dir / WEIGHT_NAME))
-    again = load_file(str(run_training(make_recipe()).output_dir / WEIGHT_NAME))
-    other = load_file(str(run_training(make_recipe("train.seed=1")).output_dir / WEIGHT_NAME))
-    assert first.keys() == again.keys()
+    def adapter(name: str, *overrides: str) -> dict[str, torch.Tensor]:
+        # One output dir per run: each file read here was written by that run alone.
+        out = tmp_path / name
+        recipe = make_recipe(f"output.dir={out}", *overrides)
+        assert run_training(recipe).output_dir == out
+        return load_file(str(out / WEIGHT_NAME))
+
+    first, again, other = adapter("first"), adapter("again"), adapter("other", "train.seed=1")
+    assert first and first.keys() == again.keys() == other.keys()
     assert all(torch.equal(first[k], again[k]) for k in first)
     assert any(not torch.equal(first[k], other[k]) for k in first)
 
@@ -155,33 +135,46 @@ def test_min_snr_weight_matches_formula():
     assert weight[0] < 1 and weight[-1] == 1.0  # clipped at low noise, untouched at high noise
 
 
-def test_sd2_trains_and_loads(make_recipe):
-    result = run_training(make_recipe(base="builtin:tiny-sd2"))
-    pipe = load_pipeline("builtin:tiny-sd2")
-    base = images(pipe)
-    pipe.load_lora_weights(str(result.output_dir))
-    assert pipe.scheduler.config.prediction_type == "v_prediction"
-    assert images(pipe).shape == base.shape
-
-
-def test_8bit_optimizer_runs_on_cpu(make_recipe):
+def test_8bit_optimizer_runs_on_cpu(make_recipe, monkeypatch):
     import bitsandbytes as bnb
 
+    made = []
+
+    class Spy(bnb.optim.AdamW8bit):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr(bnb.optim, "AdamW8bit", Spy)
     result = run_training(
         make_recipe("train.optimizer=adamw8bit", "adapter.rank=64", "train.steps=2")
     )
     saved = load_file(str(result.output_dir / WEIGHT_NAME))
     assert any(v.abs().sum() > 0 for k, v in saved.items() if ".up." in k or "lora_B" in k)
-    assert bnb.optim.AdamW8bit  # the optimizer class the recipe resolved to exists
+    assert len(made) == 1  # the recipe's optimizer is bitsandbytes' 8-bit AdamW ...
+    states = [t for state in made[0].state.values() for t in state.values()]
+    assert any(isinstance(t, torch.Tensor) and t.dtype == torch.uint8 for t in states)  # ... 8-bit
 
 
 def test_trackers_write_real_files(make_recipe, monkeypatch):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     monkeypatch.setenv("WANDB_MODE", "offline")
     result = run_training(make_recipe("log.to=[tensorboard, wandb]", "train.steps=2"))
     out = result.output_dir
-    assert list(out.rglob("events.out.tfevents.*"))
+    events = list(out.rglob("events.out.tfevents.*"))
+    assert events
+    logged = {}
+    for path in events:
+        accumulator = EventAccumulator(str(path))
+        accumulator.Reload()
+        for tag in accumulator.Tags()["scalars"]:
+            logged[tag] = [event.step for event in accumulator.Scalars(tag)]
+    assert logged.get("loss") == [1, 2] and logged.get("lr") == [1, 2]  # every step's values
     runs = list((out / "wandb").glob("offline-run-*"))
-    assert runs and list(runs[0].glob("*.wandb"))
+    assert len(runs) == 1
+    records = [p.read_bytes() for p in runs[0].glob("*.wandb")]
+    assert records and any(b"loss" in data for data in records)  # the history, not just a header
 
 
 def test_dora_trains_and_loads_without_a_kohya_file(make_recipe):

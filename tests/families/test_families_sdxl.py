@@ -1,10 +1,10 @@
-"""The SDXL family on builtin:tiny-sdxl: the shared SD battery (only LoRA moves, round trip,
-scale 0 = base, kohya = diffusers, DreamBooth) plus SDXL's own conditioning (time_ids from the
-real bucket and crop, the pooled embedding from encoder 2) and its VAE handling."""
+"""The SDXL family on builtin:tiny-sdxl: its own conditioning (time_ids from the real bucket and
+crop, the pooled embedding from encoder 2) and its VAE handling. What every family must do (only
+LoRA moves, round trip, scale 0 = base, kohya = diffusers, DreamBooth, resume) is the contract
+battery in test_contract.py."""
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -12,17 +12,14 @@ import pytest
 import torch
 from diffusers import AutoencoderKL, StableDiffusionXLPipeline, UNet2DConditionModel
 from PIL import Image
-from safetensors import safe_open
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from tuner import families
-from tuner.adapters.lora import KOHYA_WEIGHT_NAME, WEIGHT_NAME
 from tuner.builtins import sd as sd_builtins
 from tuner.builtins import sdxl as sdxl_builtins
 from tuner.builtins.sdxl import OPENCLIP_BIGG_TEXT, build_tiny_sdxl
 from tuner.errors import TunerError
 from tuner.families.sdxl import SDXLFamily
-from tuner.inference.render import lora_scale, pipeline_modules
 from tuner.recipe import ModelSection, load_recipe, validate_recipe
 from tuner.training.run import run_training
 
@@ -37,151 +34,16 @@ def fresh_pipeline() -> StableDiffusionXLPipeline:
     return pipe
 
 
-def images(pipe, scale: float = 1.0) -> np.ndarray:
-    generator = torch.Generator().manual_seed(0)
-    with lora_scale(pipeline_modules(pipe), scale):
-        return pipe(
-            [PROMPT],
-            num_inference_steps=2,
-            guidance_scale=5.0,
-            width=64,
-            height=64,
-            generator=generator,
-            output_type="np",
-        ).images
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """The quickstart recipe, shortened, with LoRA on both text encoders too, and an alpha that
-    is not the rank (so the LoRA scale must survive both file formats)."""
-    tmp = tmp_path_factory.mktemp("sdxl")
-    recipe = load_recipe(
-        QUICKSTART,
-        [
-            f"output.dir={tmp / 'out'}",
-            f"data.cache_dir={tmp / 'cache'}",
-            "sample.prompts=[]",
-            "train.steps=3",
-            "train.lr=1e-2",
-            "adapter.text_encoder=true",
-            "adapter.alpha=2",
-            f"data.datasets.0.path={REPO / 'datasets' / 'toy-stripes'}",
-        ],
-    )
-    result = run_training(recipe)
-    pipe = result.family.build_pipeline(result.comps)
-    pipe.set_progress_bar_config(disable=True)
-    return result.output_dir, result.comps, pipe
-
-
-@pytest.fixture(scope="module")
-def loaded_images(trained):
-    out = trained[0]
-    by_format = {}
-    for weight_name in (WEIGHT_NAME, KOHYA_WEIGHT_NAME):
-        pipe = fresh_pipeline()
-        pipe.load_lora_weights(str(out), weight_name=weight_name)
-        by_format[weight_name] = images(pipe)
-    return by_format
-
-
-def base_weights(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Non-LoRA weights under their pre-injection names."""
-    return {
-        name.replace(".base_layer", ""): value
-        for name, value in module.state_dict().items()
-        if "lora_" not in name
-    }
-
-
-# --- the shared battery ----------------------------------------------------------------------
-
-
-def test_only_lora_weights_change(trained):
-    _, comps, _ = trained
-    reference = build_tiny_sdxl()
-    modules = {"unet": comps.denoiser, "vae": comps.vae, **comps.text_encoders}
-    assert set(modules) == {"unet", "vae", "text_encoder", "text_encoder_2"}
-    for name, module in modules.items():
-        expected, actual = reference[name].state_dict(), base_weights(module)
-        assert actual.keys() == expected.keys(), name
-        changed = [k for k in expected if not torch.equal(actual[k], expected[k])]
-        assert not changed, f"{name}: base weights moved: {changed[:3]}"
-    for name in ("unet", "text_encoder", "text_encoder_2"):
-        lora_up = [v for k, v in modules[name].state_dict().items() if "lora_B" in k]
-        assert lora_up and any(v.abs().max() > 0 for v in lora_up), f"{name}: LoRA did not train"
-
-
-def test_diffusers_file_round_trip(trained, loaded_images):
-    _, _, pipe = trained
-    in_memory = images(pipe)
-    np.testing.assert_array_equal(loaded_images[WEIGHT_NAME], in_memory)
-    assert np.abs(in_memory - images(fresh_pipeline())).max() > 1e-3  # the adapter matters
-
-
-def test_scale_zero_is_the_base_model(trained):
-    _, _, pipe = trained
-    np.testing.assert_array_equal(images(pipe, scale=0.0), images(fresh_pipeline()))
-
-
-def test_kohya_file_matches_diffusers_file(trained, loaded_images):
-    out = trained[0]
-    with safe_open(str(out / KOHYA_WEIGHT_NAME), framework="pt") as handle:
-        keys, metadata = list(handle.keys()), handle.metadata()
-    prefixes = ("lora_unet_", "lora_te1_", "lora_te2_")
-    assert all(key.startswith(prefixes) for key in keys)
-    assert all(any(key.startswith(p) for key in keys) for p in prefixes)
-    with safe_open(str(out / WEIGHT_NAME), framework="pt") as handle:
-        diffusers_metadata = handle.metadata()
-    for meta in (metadata, diffusers_metadata):
-        assert meta["modelspec.architecture"] == "stable-diffusion-xl-v1-base/lora"
-        assert meta["tuner_family"] == "sdxl"
-    np.testing.assert_array_equal(loaded_images[KOHYA_WEIGHT_NAME], loaded_images[WEIGHT_NAME])
-
-
-def test_tiny_dreambooth_with_prior_preservation(tmp_path, monkeypatch):
-    instance = tmp_path / "instance"
-    instance.mkdir()
-    for name in ("000.png", "001.png"):
-        shutil.copy(REPO / "datasets" / "toy-subject" / name, instance / name)
-    recipe = validate_recipe(
-        {
-            "model": {"path": "builtin:tiny-sdxl"},
-            "adapter": {"rank": 4},
-            "data": {"resolution": 64, "cache_dir": str(tmp_path / "cache")},
-            "dreambooth": {
-                "instance_dir": str(instance),
-                "instance_prompt": "a sks circle",
-                "class_prompt": "a circle",
-                "class_dir": str(tmp_path / "class"),
-                "num_class_images": 2,
-                "with_prior_preservation": True,
-                "class_generation_steps": 2,
-            },
-            "train": {"steps": 2, "lr": 1e-2},
-            "output": {"dir": str(tmp_path / "out")},
-        }
-    )
-    batch_sizes = []
-    original = UNet2DConditionModel.forward
-
-    def forward(self, sample, *args, **kwargs):
-        if torch.is_grad_enabled():  # training steps, not class-image rendering
-            batch_sizes.append(sample.shape[0])
-        return original(self, sample, *args, **kwargs)
-
-    monkeypatch.setattr(UNet2DConditionModel, "forward", forward)
-    out = run_training(recipe).output_dir
-    class_images = sorted((tmp_path / "class").glob("class-*.png"))
-    assert [p.name for p in class_images] == ["class-00000.png", "class-00001.png"]
-    assert all(p.with_suffix(".txt").read_text() == "a circle" for p in class_images)
-    assert batch_sizes == [2, 2]  # each step: the instance image and its prior partner
-    monkeypatch.undo()
-    pipe = fresh_pipeline()
-    base = images(pipe)
-    pipe.load_lora_weights(str(out))
-    assert np.abs(images(pipe) - base).max() > 1e-3
+def images(pipe) -> np.ndarray:
+    return pipe(
+        [PROMPT],
+        num_inference_steps=2,
+        guidance_scale=5.0,
+        width=64,
+        height=64,
+        generator=torch.Generator().manual_seed(0),
+        output_type="np",
+    ).images
 
 
 # --- SDXL conditioning ----------------------------------------------------------------------

@@ -18,6 +18,7 @@ from tuner.recipe import load_recipe
 from tuner.toy import world
 
 REPO = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.slow  # minutes of CPU training: the slow tier (./launch.sh test --slow)
 EVAL = ["--n", "16", "--seeds", "0", "1"]  # 32 judged samples per prompt group
 
 
