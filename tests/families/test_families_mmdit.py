@@ -14,11 +14,12 @@ import yaml
 from diffusers import FluxPipeline, FluxTransformer2DModel, SD3Transformer2DModel
 
 from tuner import families
-from tuner.adapters import lora
+from tuner.adapters import formats, lora
 from tuner.builtins.flux import flux_transformer_config
 from tuner.builtins.sd3 import sd35_large_transformer_config
 from tuner.errors import TunerError
 from tuner.families import mmdit
+from tuner.inference.render import lora_scale, pipeline_modules
 from tuner.recipe import AdapterSection, ModelSection, load_recipe
 from tuner.training.run import run_training
 
