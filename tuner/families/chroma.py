@@ -49,6 +49,8 @@ class ChromaFamily(FamilyBase):
             kohya_base_version="chroma",
             modelspec_architecture="chroma",
             lora_key_naming="peft",  # FluxLoraLoaderMixin, like Flux
+            # ComfyUI reads this layout too (its Flux branch): alpha as `.alpha` tensors.
+            diffusers_alpha="tensors",
         ),
         objective="flow",
         text_encoder_lora=False,

@@ -59,6 +59,8 @@ class QwenImageFamily(FamilyBase):
             kohya_base_version="qwen_image",
             modelspec_architecture="qwen-image",
             lora_key_naming="peft",
+            # alpha / rank folded into the up weights: right for every loader of this layout.
+            diffusers_alpha="folded",
             comfy_file="kohya",
         ),
         objective="flow",

@@ -120,6 +120,8 @@ class ZImageFamily(FamilyBase):
             kohya_base_version="z-image",
             modelspec_architecture="z-image-turbo",
             lora_key_naming="peft",
+            # alpha / rank folded into the up weights: right for every loader of this layout.
+            diffusers_alpha="folded",
             comfy_layout=comfy_lora,
         ),
         objective="flow",
