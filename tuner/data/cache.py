@@ -104,14 +104,6 @@ class CachePlan:
     crop: str  # effective crop mode ("center" when latents are cached)
 
 
-def latent_shape(comps, size: tuple[int, int]) -> tuple[int, int, int]:
-    """(channels, height, width) of the latent the family's VAE makes for an item size
-    (width, height)."""
-    config = comps.vae.config
-    scale = 2 ** (len(config.block_out_channels) - 1)
-    return (config.latent_channels, size[1] // scale, size[0] // scale)
-
-
 def report_unusable(kind: str, bad: list[tuple[Path, str]]) -> None:
     if bad:
         path, reason = bad[0]
@@ -166,7 +158,9 @@ def _cache_latents(items, data, plan, family, comps, device, batch_size, stats) 
                 continue
             seen.add(key)
             if plan.latents.has(key):
-                problem = plan.latents.problem(key, {"latents": latent_shape(comps, item.size)})
+                problem = plan.latents.problem(
+                    key, {"latents": family.latent_shape(comps, item.size)}
+                )
                 if problem is None:
                     stats["hit"] += 1
                     continue

@@ -160,6 +160,10 @@ class Family(Protocol):
     ) -> torch.Tensor:
         """pixels in [-1, 1], NCHW -> scaled latents ready for the denoiser."""
 
+    def latent_shape(self, comps: Components, size: tuple[int, int]) -> tuple[int, ...]:
+        """The shape (without batch) of encode_images' latent for an image of size (width,
+        height): the cache rejects entries of any other shape."""
+
     def objective(self, comps: Components, train: TrainSection) -> Objective: ...
 
     def predict(
@@ -214,6 +218,11 @@ class FamilyBase:
         latents = posterior.sample(generator=generator)
         shift = getattr(vae.config, "shift_factor", None) or 0.0
         return (latents - shift) * vae.config.scaling_factor
+
+    def latent_shape(self, comps, size: tuple[int, int]) -> tuple[int, ...]:
+        config = comps.vae.config  # an AutoencoderKL: x2 per level after the first
+        scale = 2 ** (len(config.block_out_channels) - 1)
+        return (config.latent_channels, size[1] // scale, size[0] // scale)
 
     def build_pipeline(self, comps: Components):
         modules = {

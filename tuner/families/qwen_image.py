@@ -120,6 +120,11 @@ class QwenImageFamily(FamilyBase):
         mean, std = latent_stats(vae, latents)
         return (latents - mean) / std
 
+    def latent_shape(self, comps, size: tuple[int, int]) -> tuple[int, ...]:
+        config = comps.vae.config  # a causal video VAE: one frame, x2 per temporal stage
+        scale = 2 ** len(config.temperal_downsample)
+        return (config.z_dim, size[1] // scale, size[0] // scale)
+
     def objective(self, comps: Components, train):
         # The scheduler's dynamic shift: mu from the image sequence length, as the pipeline.
         return mmdit.flow_objective(comps, train)
