@@ -78,7 +78,7 @@ def run_steps(run: Run) -> None:
     train_cfg = run.recipe.train
     stopper = GracefulStop()
     running = torch.zeros((), device=run.accelerator.device)
-    bad_steps, started = 0, time.perf_counter()
+    bad_steps, started, first = 0, time.perf_counter(), run.state["step"]
     bar = tqdm(
         total=train_cfg.steps,
         initial=run.state["step"],
@@ -118,7 +118,17 @@ def run_steps(run: Run) -> None:
             f"all {run.state['step']} steps had non-finite loss/gradients and were skipped; "
             "no adapter was written. Lower train.lr, or use bf16 instead of fp16"
         )
-    log.info("trained %d steps in %.1fs", train_cfg.steps, time.perf_counter() - started)
+    done, took = run.state["step"] - first, time.perf_counter() - started
+    if first and done > 0:  # resumed: say which steps this run trained
+        log.info("trained steps %d-%d in %.1fs", first + 1, run.state["step"], took)
+    elif first:
+        log.warning(
+            "no steps to train: the checkpoint is at step %d and train.steps is %d",
+            first,
+            train_cfg.steps,
+        )
+    else:
+        log.info("trained %d steps in %.1fs", done, took)
 
 
 def train_one_step(run: Run, running: torch.Tensor) -> bool:
