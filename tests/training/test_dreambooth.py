@@ -15,7 +15,7 @@ from tuner.adapters.lora import WEIGHT_NAME
 from tuner.cli import main
 from tuner.training.run import run_training
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ from tuner.adapters.lora import WEIGHT_NAME
 from tuner.errors import TunerError
 from tuner.training import checkpoint
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def recipe_file(tmp_path: Path, style_dir: Path, out: str, **train) -> Path:

@@ -11,7 +11,7 @@ from tuner.cli import main
 from tuner.errors import TunerError
 from tuner.recipe import apply_overrides, load_recipe
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 MINIMAL = {
     "model": {"path": "builtin:tiny-sd15"},
     "data": {"datasets": [{"path": "datasets/toy-stripes"}], "resolution": 64},
