@@ -121,7 +121,13 @@ CASES = [
         2,
         "adapter.rank: 100000 is larger than any targeted layer can use",
     ),
-    ("duplicate keys", duplicate_keys, None, 2, "duplicate key 'train' at line 5 (first at 3"),
+    (
+        "duplicate keys",
+        duplicate_keys,
+        None,
+        2,
+        "not valid YAML (duplicate key 'train' at line 5 (first at line 3); keep one)",
+    ),
     ("recipe not UTF-8", not_utf8, None, 2, "not UTF-8 text (byte 0xe9)"),
     ("export a pickle", export_pickle, None, 2, "not a readable .safetensors file"),
 ]
@@ -175,7 +181,7 @@ def test_symlinked_folder_and_skipped_types_and_bad_captions(tmp_path, style_dir
     with caplog.at_level(logging.WARNING, logger="tuner"):
         records = list_records(str(data), source=0)
     assert sorted(r.image.rsplit("/", 1)[-1] for r in records) == ["a.png", "b.png"]
-    assert [r.caption for r in records if r.image.endswith("b.png")] == ["caf\u00e9 style"]
+    assert [r.caption for r in records if r.image.endswith("b.png")] == ["caf\ufffd style"]
     text = caplog.text
     assert "skipped 3 files of unsupported image types (2 .gif, 1 .tif)" in text
     assert f"caption {elsewhere / 'b.txt'} is not UTF-8" in text or "b.txt is not UTF-8" in text

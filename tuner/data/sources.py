@@ -126,12 +126,8 @@ def _read_sidecar(image_path: str, caption_ext: str) -> str | None:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
-        # Most often cp1252/latin-1 from an old editor: read as such, and say so.
-        text = raw.decode("cp1252", errors="replace")
-        log.warning(
-            "caption %s is not UTF-8; read it as Windows-1252 (save it as UTF-8 to be sure)",
-            sidecar,
-        )
+        text = raw.decode("utf-8", errors="replace")
+        log.warning("caption %s is not UTF-8 (odd bytes read as U+FFFD); save it as UTF-8", sidecar)
     # Windows editors often prepend a BOM, which would end up in the prompt.
     return text.lstrip("\ufeff").strip()
 

@@ -173,7 +173,7 @@ def save_or_rescue(run) -> Path:
         ) from again
     step = step_dir_name(run.state["step"])
     raise CheckpointError(
-        f"could not save checkpoint {step} in {run.output_dir} ({failed.reason}); the trained "
+        f"could not save checkpoint {step} ({failed.reason}) in {run.output_dir}; the trained "
         f"weights were saved to {saved} instead: free space and resume with: "
         f"{run.recipe.command(f'train.resume={saved}')}"
     ) from failed

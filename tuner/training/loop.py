@@ -101,12 +101,13 @@ def run_steps(run: Run) -> None:
             bar.update(1)
             log_progress(run, step, running, bar)
             save_now = run.recipe.output.save_every and step % run.recipe.output.save_every == 0
-            if save_now or stopper.requested:
+            stop = stop_everywhere(run, stopper.requested)
+            if save_now or stop:
                 checkpoint.save_training_state(run)
             sample_during_training(run, step)
-            if stopper.requested:
+            if stop:
                 raise Stopped(
-                    f"stopped by {stopper.signal_name} at step {step}; resume with: "
+                    f"stopped by {stopper.signal_name or 'a signal'} at step {step}; resume with: "
                     f"{run.recipe.command('train.resume=latest')}"
                 )
     finally:
@@ -230,6 +231,15 @@ def flop_counter(stats: dict, enabled: bool):
     with FlopCounterMode(display=False) as counter:
         yield
     stats["flops"] = float(counter.get_total_flops())
+
+
+def stop_everywhere(run: Run, requested: bool) -> bool:
+    """Every process stops after the same step: a signal reaches the processes at different
+    moments, and one that saved while another ran on would wait at different collectives."""
+    if run.accelerator.num_processes == 1:
+        return requested
+    flag = torch.tensor(float(requested), device=run.accelerator.device)
+    return bool(run.accelerator.reduce(flag, reduction="sum").item() > 0)
 
 
 class Stopped(TunerError):
