@@ -18,6 +18,13 @@ os.environ.setdefault("WANDB_SILENT", "true")
 torch.set_num_threads(1)
 
 
+@pytest.fixture(autouse=True)
+def _rescue_dir(tmp_path, monkeypatch):
+    """A checkpoint that cannot go to output.dir is rescued into the test's own folder, not
+    the system temp folder."""
+    monkeypatch.setenv("TUNER_RESCUE_DIR", str(tmp_path / "rescue"))
+
+
 @pytest.fixture
 def style_dir(tmp_path: Path) -> Path:
     """Four images + captions copied from the shipped toy style set."""
