@@ -115,17 +115,6 @@ def peft_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return get_peft_model_state_dict(module)
 
 
-def adapter_state(
-    trained: dict[str, torch.nn.Module], naming: str = "diffusers"
-) -> dict[str, dict[str, torch.Tensor]]:
-    """Per component, its LoRA weights in the naming the family's loader reads (see
-    `formats.loader_naming`): "diffusers" (UNet-era `lora.down`/`lora.up`, unless conv LoRA
-    makes it PEFT names throughout) or "peft" (`lora_A`/`lora_B`)."""
-    from tuner.adapters.formats import loader_naming
-
-    return loader_naming({n: get_peft_model_state_dict(m) for n, m in trained.items()}, naming)
-
-
 def float_cpu(states: dict[str, dict[str, torch.Tensor]]) -> dict[str, dict[str, torch.Tensor]]:
     return {
         name: {k: v.detach().float().cpu().contiguous() for k, v in sd.items()}

@@ -92,7 +92,7 @@ def cmd_eval(args) -> int:
 
 def run_eval(output_dir: Path, options: EvalOptions) -> dict:
     """Render, judge and score; writes eval/eval.json and eval/grid.png; returns the report."""
-    from tuner.training.outputs import write_text_atomic
+    from tuner import files
 
     recipe, adapter = load_run(output_dir)
     family = check_judgeable(recipe, options.force)
@@ -117,7 +117,7 @@ def run_eval(output_dir: Path, options: EvalOptions) -> dict:
     folder.mkdir(exist_ok=True)
     eval_sheet(samples, options.scale).save(folder / "grid.png")
     report["details"]["grid"] = "eval/grid.png"
-    write_text_atomic(folder / "eval.json", json.dumps(report, indent=2) + "\n")
+    files.write_text(folder / "eval.json", json.dumps(report, indent=2) + "\n")
     return report
 
 

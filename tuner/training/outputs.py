@@ -143,17 +143,13 @@ def claim_output_dir(recipe, output_dir: Path, plan: OutputPlan) -> None:
         for old in plan.stale:
             shutil.rmtree(old, ignore_errors=True)
     (output_dir / FINISHED).unlink(missing_ok=True)
-    write_text_atomic(output_dir / "recipe.yaml", recipe.to_yaml())
-    write_text_atomic(output_dir / RUN_FILE, json.dumps({"run_id": plan.run_id}, indent=2))
+    files.write_text(output_dir / "recipe.yaml", recipe.to_yaml())
+    files.write_json(output_dir / RUN_FILE, {"run_id": plan.run_id})
 
 
 def kohya_export_possible(recipe) -> bool:
     """DoRA's magnitude vectors have no kohya/webui layout: such runs export diffusers only."""
     return "kohya" in recipe.output.formats and not recipe.adapter.dora
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    files.write_text(path, text)
 
 
 def finish_outputs(
@@ -183,8 +179,8 @@ def write_outputs(
     if "diffusers" not in recipe.output.formats:
         adapter_file.unlink()
     grid = training_grid(recipe, output_dir, family, comps, steps, accelerator)
-    write_text_atomic(output_dir / "README.md", model_card(recipe, family, steps, grid))
-    write_text_atomic(output_dir / FINISHED, json.dumps({"steps": steps}))
+    files.write_text(output_dir / "README.md", model_card(recipe, family, steps, grid))
+    files.write_json(output_dir / FINISHED, {"steps": steps})
     log.info("adapter saved to %s", output_dir)
 
 
