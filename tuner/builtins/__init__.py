@@ -53,6 +53,8 @@ TABLE: dict[str, Builtin] = {
     ),
     "tiny-z-image": Builtin("z-image", lazy("tuner.builtins.z_image", "build_tiny_z_image")),
     "arch-z-image": Builtin("z-image", lazy("tuner.builtins.z_image", "build_arch_z_image")),
+    "tiny-hidream": Builtin("hidream", lazy("tuner.builtins.hidream", "build_tiny_hidream")),
+    "arch-hidream": Builtin("hidream", lazy("tuner.builtins.hidream", "build_arch_hidream")),
 }
 
 

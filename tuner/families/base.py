@@ -212,6 +212,13 @@ class FamilyBase:
     def configure(self, comps: Components, recipe: Recipe) -> Components:
         return comps
 
+    def text_encoding_phase(self, comps: Components, device):
+        """The context prompts are cached in: the text encoders on `device` (a family whose
+        encoders cannot sit there together overrides it and places them in encode_prompts)."""
+        from tuner.devices import on_device
+
+        return on_device(comps.text_encoders.values(), device)
+
     def encode_images(self, comps, pixels, generator=None) -> torch.Tensor:
         vae = comps.vae
         posterior = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
