@@ -37,6 +37,11 @@ def hidream_scheduler(variant: str = "full"):
     """The schedulers HiDream-I1 ships: Full samples with flow UniPC (shift 3, 50 steps, CFG
     5); Dev and Fast are guidance- and step-distilled, sampled with flow Euler at shift 6 (28
     steps) and shift 3 (16 steps), no CFG."""
+    with torch.device("cpu"):  # its sigma table is real data, also under a meta-device build
+        return _scheduler(variant)
+
+
+def _scheduler(variant: str):
     if variant == "full":
         return UniPCMultistepScheduler(
             num_train_timesteps=1000,

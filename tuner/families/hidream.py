@@ -166,6 +166,7 @@ class HiDreamFamily(FamilyBase):
         encoders = {name: getattr(pipe, name) for name in TEXT_ENCODERS}
         tokenizers = {name.replace("text_encoder", "tokenizer"): None for name in TEXT_ENCODERS}
         tokenizers = {name: getattr(pipe, name) for name in tokenizers}
+        follow_grad_mode(comps.denoiser)
         return replace(comps, text_encoders=encoders, tokenizers=tokenizers)
 
     def build_pipeline(self, comps: Components):
@@ -239,6 +240,29 @@ class HiDreamFamily(FamilyBase):
             return_dict=False,
         )[0]
         return -latent_layout(transformer, out, h, w)
+
+
+def follow_grad_mode(transformer) -> None:
+    """Run the transformer in train mode exactly when gradients are on, whatever its flag.
+
+    Its MoE and output layout depend on `training`: the train-mode path routes tokens through
+    the experts differentiably and returns patch layout; the eval path (what sampling needs,
+    and what HiDreamImagePipeline expects) runs the experts under no_grad. The loop sets a
+    trained module to train mode and pipelines share that module, so the mode is set per call
+    (and put back after it)."""
+    if getattr(transformer, "_tuner_follows_grad_mode", False):
+        return
+
+    def before(module, args, kwargs):
+        module._tuner_saved_mode = module.training
+        module.train(torch.is_grad_enabled())
+
+    def after(module, args, kwargs, output):
+        module.train(module._tuner_saved_mode)
+
+    transformer.register_forward_pre_hook(before, with_kwargs=True)
+    transformer.register_forward_hook(after, with_kwargs=True, always_call=True)
+    transformer._tuner_follows_grad_mode = True
 
 
 def latent_layout(transformer, out: torch.Tensor, h: int, w: int) -> torch.Tensor:
