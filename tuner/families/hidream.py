@@ -34,6 +34,7 @@ import contextlib
 import contextvars
 import logging
 import math
+import re
 from pathlib import Path
 
 import torch
@@ -65,6 +66,7 @@ DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out")
 ROUTER = "ff_i.gate"  # MoEGate: its `weight` is an nn.Parameter; PEFT cannot and must not wrap it
 COMFY_PREFIX = "diffusion_model."
 VARIANTS = ("full", "dev", "fast")
+LLAMA_REPO = "meta-llama/Meta-Llama-3.1-8B-Instruct"  # text_encoder_4 of every HiDream-I1
 
 
 def comfy_lora(state: dict[str, torch.Tensor], metadata: dict[str, str]) -> dict:
@@ -137,10 +139,13 @@ class HiDreamFamily(FamilyBase):
         check_router_untouched(recipe.adapter)
 
     def load(self, model, dtype: torch.dtype) -> Components:
-        if source_kind(model.path) == "file":
+        kind = source_kind(model.path)
+        if kind == "file":
             pipe = load_single_file(self, model, dtype)
-        else:
+        elif kind == "builtin":
             pipe = quantize.load_pipeline(self, model, dtype, HiDreamImageTransformer2DModel)
+        else:
+            pipe = load_with_llama(self, model, dtype)
         comps = self.components_from_pipeline(pipe, model_identity(self.spec.name, model), dtype)
         variant = detect_variant(model.path, comps.scheduler)
         return replace(
@@ -302,14 +307,13 @@ def check_router_untouched(adapter) -> None:
             f"adapter.targets: {named[0]!r} is HiDream's MoE router, which stays frozen; "
             "target the experts (ff_i.experts.0.w1, ff_i.shared_experts.w2, ...) instead"
         )
-    if adapter.target_regex and "gate" in adapter.target_regex:
-        import re
-
-        if re.fullmatch(adapter.target_regex, "double_stream_blocks.0.block.ff_i.gate"):
-            raise TunerError(
-                "adapter.target_regex: it matches HiDream's MoE router (ff_i.gate), which "
-                "stays frozen; exclude it, e.g. end the regex with (w1|w2|w3)"
-            )
+    regex = adapter.target_regex
+    routers = ("double_stream_blocks.0.block.ff_i.gate", "single_stream_blocks.0.block.ff_i.gate")
+    if regex and any(re.fullmatch(regex, name) for name in routers):
+        raise TunerError(
+            "adapter.target_regex: it matches HiDream's MoE router (ff_i.gate), which "
+            "stays frozen; exclude it, e.g. end the regex with (w1|w2|w3)"
+        )
 
 
 def check_patch_budget(comps: Components, data) -> None:
@@ -368,8 +372,45 @@ def load_single_file(family, model, dtype: torch.dtype):
                 f"model.path: could not load {path.name} as a HiDream transformer ({first}); "
                 "set model.config to a HiDream diffusers folder or hub id"
             ) from None
-    rest = model.model_copy(update={"path": model.config, "config": None})
-    pipe = load_pipeline_modules(family, rest, dtype, {"transformer": transformer})
+    rest = model.model_copy(update={"path": model.config, "config": None, "quantize": "none"})
+    pipe = load_with_llama(family, rest, dtype, {"transformer": transformer})
     if kind != "none":
         quantize.park(pipe.transformer, kind)
     return pipe
+
+
+def load_with_llama(family, model, dtype: torch.dtype, components: dict | None = None):
+    """A diffusers folder or hub id, the transformer quantized if asked. HiDream's repos ship
+    no Llama (it is gated): text_encoder_4 / tokenizer_4 come from the folder when it has
+    them, else from meta-llama's repo, as in diffusers' docs and HiDream training script."""
+    components = dict(components or {})
+    local = Path(model.path).expanduser()
+    if not (local / "text_encoder_4" / "config.json").is_file():
+        components.update(llama_parts(dtype))
+    kind = model.quantize
+    if kind != "none" and "transformer" not in components:
+        quantize.require_quantizable(kind)
+        components["transformer"] = quantize.load_quantized(
+            HiDreamImageTransformer2DModel, model, kind, dtype
+        )
+    pipe = load_pipeline_modules(family, model, dtype, components)
+    if kind != "none":
+        quantize.park(pipe.transformer, kind)
+    return pipe
+
+
+def llama_parts(dtype: torch.dtype) -> dict:
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    try:
+        return {
+            "tokenizer_4": AutoTokenizer.from_pretrained(LLAMA_REPO),
+            "text_encoder_4": LlamaForCausalLM.from_pretrained(LLAMA_REPO, dtype=dtype),
+        }
+    except OSError as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:120]
+        raise TunerError(
+            f"model.path: HiDream needs Llama-3.1-8B-Instruct, which is gated: accept its "
+            f"license at huggingface.co/{LLAMA_REPO} and log in (hf auth login), or put it in "
+            f"the model folder as text_encoder_4/ and tokenizer_4/ ({first})"
+        ) from None
