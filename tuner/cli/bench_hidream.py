@@ -7,8 +7,9 @@ counts and extrapolated to 1024^2: the activation term of the 24 GB recipes' mem
 One dual-stream and one single-stream block of the released config (2560 wide, 4 experts top
 2), bf16, LoRA rank 16 on the attention, run forward in train mode (the differentiable MoE
 path) with grad, as gradient checkpointing recomputes one block during backward. Every tensor
-autograd saves for backward is counted once (by storage), the block's frozen weights excepted. The text part of each block's input
-keeps the 1024^2 proportion (image : text = 4096 : 384 dual, 4096 : 384 + 128 single).
+autograd saves for backward is counted once (by storage), the block's frozen weights excepted.
+The text part of each block's input keeps the 1024^2 proportion (image : text = 4096 : 384
+dual, 4096 : 384 + 128 single).
 """
 
 from __future__ import annotations
