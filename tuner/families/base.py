@@ -152,6 +152,10 @@ class Family(Protocol):
         """Settings that depend on the loaded weights (e.g. sizes the VAE allows, the text
         sequence length). Returns new Components; the family object is never changed."""
 
+    def text_encoding_phase(self, comps: Components, device):
+        """The context the cache encodes prompts in (FamilyBase: every text encoder on device;
+        hidream: none moved, encode_prompts places one encoder at a time)."""
+
     def encode_prompts(self, comps: Components, prompts: list[str]) -> dict[str, torch.Tensor]:
         """Per-prompt conditioning tensors (batch first): what the cache stores."""
 
