@@ -269,6 +269,14 @@ def test_an_odd_aspect_ratio_trains(make_recipe, tmp_path, monkeypatch):
         return predict(self, comps, noisy, *args)
 
     monkeypatch.setattr(HiDreamFamily, "predict", recording)
+    phases = []  # the cache encodes prompts through the family's one-encoder-at-a-time phase
+    phase = HiDreamFamily.text_encoding_phase
+
+    def phase_recording(self, comps, device):
+        phases.append(str(device))
+        return phase(self, comps, device)
+
+    monkeypatch.setattr(HiDreamFamily, "text_encoding_phase", phase_recording)
     recipe = make_recipe(
         *FAST,
         f"data.datasets.0.path={folder}",
@@ -280,6 +288,7 @@ def test_an_odd_aspect_ratio_trains(make_recipe, tmp_path, monkeypatch):
     )
     run_training(recipe)
     assert shapes and set(shapes) == {(24 // 2, 40 // 2)}  # (h, w) latents of 40x24
+    assert phases == ["cpu"]
 
 
 @pytest.fixture(scope="module")
@@ -318,6 +327,7 @@ def test_expert_regex_without_the_router_is_accepted(make_recipe, tiny):
     assert lora.denoiser_targets(recipe.adapter, family, comps.denoiser) == regex
 
 
+@pytest.mark.slow
 def test_detects_family_and_variant_and_loads_single_files(tmp_path):
     family, comps = load()
     family.build_pipeline(comps).save_pretrained(tmp_path / "HiDream-tiny")
@@ -407,18 +417,9 @@ def commented_target_examples(recipe: Path) -> list[dict]:
     return examples
 
 
+@pytest.mark.slow
 def test_quickstart_trains_and_writes_both_files(tmp_path, monkeypatch):
-    """The quickstart recipe trains; its prompts are cached through the family's one
-    encoder at a time phase."""
     monkeypatch.chdir(REPO)
-    phases = []
-    phase = HiDreamFamily.text_encoding_phase
-
-    def recording(self, comps, device):
-        phases.append(str(device))
-        return phase(self, comps, device)
-
-    monkeypatch.setattr(HiDreamFamily, "text_encoding_phase", recording)
     loaded = load_recipe(
         "recipes/quickstart-hidream.yaml",
         [
@@ -431,4 +432,3 @@ def test_quickstart_trains_and_writes_both_files(tmp_path, monkeypatch):
     result = run_training(loaded)
     assert (result.output_dir / lora.WEIGHT_NAME).is_file()
     assert (result.output_dir / lora.KOHYA_WEIGHT_NAME).is_file()
-    assert phases == ["cpu"]
