@@ -223,8 +223,9 @@ def comfy_hidream_keys(transformer) -> set[str]:
     """The LoRA names ComfyUI maps for a HiDream model (comfy/lora.py model_lora_keys_unet):
     for every `diffusion_model.<name>.weight`, `lora_unet_<name, . -> _>` and
     `diffusion_model.<name>` (all models), `transformer.<name>` and `lycoris_<name, . -> _>`
-    (its comfy.model_base.HiDream branch). ComfyUI's HiDream names are the released
-    checkpoint's, i.e. diffusers' (diffusers' single-file mapping only strips a prefix)."""
+    (its comfy.model_base.HiDream branch). ComfyUI's HiDream modules (comfy/ldm/hidream/model.py:
+    attn1.to_q ... to_out_t, ff_i.experts.N.w1, ff_i.shared_experts, ff_i.gate) carry the released
+    checkpoint's names, which are diffusers' (its single-file mapping only strips a prefix)."""
     names = set()
     for key in transformer.state_dict():
         if key.endswith(".weight"):

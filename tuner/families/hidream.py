@@ -76,8 +76,8 @@ def comfy_lora(state: dict[str, torch.Tensor], metadata: dict[str, str]) -> dict
     ComfyUI (comfy/lora.py model_lora_keys_unet) accepts, for every `diffusion_model.<name>
     .weight` of any model, `lora_unet_<name with _>` and `diffusion_model.<name>`, and for
     comfy.model_base.HiDream also `transformer.<name>` and `lycoris_<name with _>`; its HiDream
-    module names are the original checkpoint's, which are diffusers' (diffusers' single-file
-    mapping for HiDream only strips `model.diffusion_model.`). diffusers'
+    module names (comfy/ldm/hidream/model.py) are the original checkpoint's, which are
+    diffusers' (diffusers' single-file mapping for HiDream only strips a prefix). diffusers'
     HiDreamImageLoraLoaderMixin turns `diffusion_model.` keys into `transformer.` ones. The
     file we get is already alpha-folded (diffusers_alpha="folded"), so no `.alpha` tensors:
     ComfyUI scales by 1, diffusers' loader would refuse keys without `lora` in them.
