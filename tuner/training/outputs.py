@@ -175,7 +175,13 @@ def write_outputs(
         else:
             # From the trained modules: the trained alpha, whatever the diffusers file folded in.
             kohya = lora.kohya_state(trained, family)
-        formats.write_safetensors(kohya, output_dir / lora.KOHYA_WEIGHT_NAME, meta)
+        extra = {}
+        if recipe.adapter.type != "lora":  # the LyCORIS file: tuner sample rebuilds peft from it
+            from tuner.adapters import lycoris
+
+            configs = {n: lycoris.json_config(m.peft_config["default"]) for n, m in trained.items()}
+            extra = lycoris.config_metadata(configs, lycoris.CONFIG_KEY)
+        formats.write_safetensors(kohya, output_dir / lora.KOHYA_WEIGHT_NAME, {**meta, **extra})
     if "diffusers" not in recipe.output.formats:
         adapter_file.unlink()
     grid = training_grid(recipe, output_dir, family, comps, steps, accelerator)
