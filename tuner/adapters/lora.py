@@ -203,7 +203,9 @@ def save_adapter(
         staging = Path(tempfile.mkdtemp(prefix=".saving-", dir=directory))
         try:
             if adapter_kind(trained) == "lora":
-                write_diffusers_file(staging, family, states, adapter_metadata(trained), weight_name)
+                write_diffusers_file(
+                    staging, family, states, adapter_metadata(trained), weight_name
+                )
             else:
                 write_peft_file(staging / weight_name, trained, states)
             if extra_metadata:  # before publishing: the final file never lacks its metadata
