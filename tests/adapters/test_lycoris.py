@@ -12,7 +12,7 @@ import torch
 from peft.utils import get_peft_model_state_dict
 from PIL import Image
 from safetensors import safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from tuner.adapters import lora
 from tuner.adapters.formats import kohya_module_name
@@ -189,14 +189,18 @@ def test_lycoris_file_has_the_names_comfyui_reads(trained):
     assert meta["tuner_adapter_type"] == kind
 
 
-def test_lycoris_and_peft_files_merge_to_the_same_weights(trained):
+def test_lycoris_and_peft_files_merge_to_the_same_weights(trained, tmp_path):
     """base + ComfyUI's delta from the LyCORIS file == peft's merge of the PEFT file == peft's
-    merge of the LyCORIS file loaded by tuner; and the adapter changes the weights."""
+    merge of the LyCORIS file loaded by tuner, with and without our peft config in its
+    metadata (as from other LyCORIS trainers); and the adapter changes the weights."""
     base, result = trained
     out, family = result.output_dir, result.family
     original = base_weights(base)
     by_peft = fused_weights(base, out / lora.WEIGHT_NAME)
     by_peft_from_lycoris = fused_weights(base, out / lora.KOHYA_WEIGHT_NAME)
+    foreign = tmp_path / "foreign.safetensors"
+    save_file(load_file(str(out / lora.KOHYA_WEIGHT_NAME)), str(foreign), {"format": "pt"})
+    by_peft_from_foreign = fused_weights(base, foreign)
     names = {
         kohya_module_name(family.spec.denoiser, m, family.spec.export.kohya_prefixes): m
         for m, _ in result.comps.denoiser.named_modules()
@@ -210,6 +214,7 @@ def test_lycoris_and_peft_files_merge_to_the_same_weights(trained):
     for key, weight in by_peft.items():
         torch.testing.assert_close(weight, by_comfy[key], rtol=1e-5, atol=1e-6, msg=key)
         torch.testing.assert_close(weight, by_peft_from_lycoris[key], rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(weight, by_peft_from_foreign[key], rtol=1e-5, atol=1e-6)
         changed += not torch.equal(weight, original[key])
     assert changed >= len(modules) // 2  # trained modules moved (some may get no gradient)
 

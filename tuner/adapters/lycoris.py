@@ -104,7 +104,8 @@ def config_from_dict(fields: dict):
 
     from peft import LoHaConfig, LoKrConfig
 
-    cls = {"LOHA": LoHaConfig, "LOKR": LoKrConfig}.get(str(fields.get("peft_type", "")).upper())
+    kind = getattr(fields.get("peft_type"), "value", fields.get("peft_type"))  # enum or str
+    cls = {"LOHA": LoHaConfig, "LOKR": LoKrConfig}.get(str(kind).upper())
     if cls is None:
         raise TunerError(f"adapter config of type {fields.get('peft_type')!r} is not LoHa/LoKr")
     names = {f.name for f in dataclasses.fields(cls) if f.init} - {"peft_type"}
@@ -245,11 +246,108 @@ def peft_states(state, metadata, family, pipe):
     """Either file -> (component -> PEFT-named state, component -> peft config dict)."""
     from tuner.adapters.formats import kohya_names
 
-    configs = read_configs(metadata)
-    if all(LYCORIS_KEY.match(key) for key in state):
+    lycoris_layout = all(LYCORIS_KEY.match(key) for key in state)
+    if lycoris_layout:
         names = kohya_names(family, family.components_from_pipeline(pipe, ""))
+        if not (metadata.get(CONFIG_KEY) or metadata.get("lora_adapter_metadata")):
+            return foreign_lycoris(state, names)  # e.g. from LyCORIS / kohya sd-scripts
+    configs = read_configs(metadata)
+    if lycoris_layout:
         return from_lycoris(state, configs, names), configs
     return split_peft_file(state), configs
+
+
+def foreign_lycoris(tensors, names):
+    """A LyCORIS file without our peft config: each module's scale (ComfyUI's rule) folded into
+    its first factor, and a peft config (scale 1) that rebuilds the file's factor shapes."""
+    from collections import Counter
+
+    from peft import LoHaConfig, LoKrConfig
+
+    configs_by_kind = {}
+    modules = lycoris_modules(tensors, names)
+    states: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
+    ranks: dict[str, dict[str, int]] = defaultdict(dict)
+    for (component, module), parts in modules.items():
+        alpha = parts.pop("alpha", None)
+        if "hada_w1_a" in parts:
+            configs_by_kind[component] = "loha"
+            rank = dim = parts["hada_w1_b"].shape[0]
+            first = "hada_w1_a"
+        else:
+            configs_by_kind[component] = "lokr"
+            dim = next((parts[k].shape[0] for k in ("lokr_w2_b", "lokr_w1_b") if k in parts), None)
+            first = "lokr_w1" if "lokr_w1" in parts else "lokr_w1_a"
+            # Full factors: a rank of at least half of every factor side keeps them full in peft.
+            rank = dim or max(max(parts["lokr_w1"].shape), max(parts["lokr_w2"].shape[:2]))
+        if alpha is not None and dim is not None:
+            parts[first] = parts[first] * (float(alpha) / dim)
+        ranks[component][module] = rank
+        for kind, tensor in parts.items():
+            states[component][f"{module}.{kind}"] = tensor
+    configs = {}
+    for component, by_name in ranks.items():
+        common = Counter(by_name.values()).most_common(1)[0][0]
+        odd = {m: r for m, r in by_name.items() if r != common}
+        keys = set(states[component])
+        fields = {
+            "r": common,
+            "alpha": common,
+            "rank_pattern": odd,
+            "alpha_pattern": dict(odd),
+            "use_effective_conv2d": any(k.endswith(("_t1", "_t2")) for k in keys),
+            "target_modules": sorted(by_name),
+        }
+        if configs_by_kind[component] == "loha":
+            configs[component] = json_config(LoHaConfig(**fields))
+        else:
+            factor = lokr_factor(states[component])
+            both = any(k.endswith(".lokr_w1_a") for k in keys)
+            config = LoKrConfig(**fields, decompose_both=both, decompose_factor=factor)
+            configs[component] = json_config(config)
+    return dict(states), configs
+
+
+def lycoris_modules(tensors, names) -> dict[tuple[str, str], dict[str, torch.Tensor]]:
+    """LyCORIS tensors -> (component, module) -> {kind: tensor}."""
+    modules: dict[tuple[str, str], dict[str, torch.Tensor]] = defaultdict(dict)
+    for key, tensor in tensors.items():
+        module, _, kind = key.partition(".")
+        if module not in names:
+            raise TunerError(
+                f"LyCORIS module {module} names no layer of the base model; use the base "
+                "model the adapter was trained on"
+            )
+        modules[names[module]][kind] = tensor
+    return modules
+
+
+def lokr_factor(sd: dict[str, torch.Tensor]) -> int:
+    """The decompose_factor under which peft's factorization gives every module's factor
+    sizes (a fixed factor is the left size where it divides; -1 is near-square)."""
+    from peft.tuners.lokr.layer import factorization
+
+    shapes = []
+    for parts in by_module(sd).values():
+        w1 = parts.get("lokr_w1")
+        if w1 is None:
+            w1 = parts["lokr_w1_a"] @ parts["lokr_w1_b"]
+        w2 = parts.get("lokr_w2")
+        if w2 is not None:
+            out_k, in_n = w2.shape[:2]
+        elif "lokr_t2" in parts:
+            out_k, in_n = parts["lokr_w2_a"].shape[1], parts["lokr_w2_b"].shape[1]
+        else:  # a @ b of a conv has in * kernel columns: its input side is not known here
+            out_k, in_n = parts["lokr_w2_a"].shape[0], None
+        shapes.append(((w1.shape[0], out_k), (w1.shape[1], in_n)))
+
+    def fits(size: tuple, candidate: int) -> bool:
+        return size[1] is None or factorization(size[0] * size[1], candidate) == size
+
+    for candidate in [-1, *sorted({s[0][0] for s in shapes})]:
+        if all(fits(out, candidate) and fits(inp, candidate) for out, inp in shapes):
+            return candidate
+    raise TunerError("cannot find the LoKr factor size this file was made with; not loadable")
 
 
 def load_into(pipe, family, state, metadata, adapter_name: str) -> int:
