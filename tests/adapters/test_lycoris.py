@@ -321,3 +321,12 @@ def test_options_that_do_not_apply_are_refused_by_check(
     assert main(["check", str(path), *overrides]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: ") and line in err[-1], err
+
+
+def test_resume_refuses_another_adapter_type(make_recipe, tmp_path):
+    from tuner.errors import TunerError
+    from tuner.training.changes import check_resume
+
+    saved = make_recipe("adapter.type=loha").model_dump(mode="json")
+    with pytest.raises(TunerError, match="adapter.type=loha, this recipe has adapter.type=lokr"):
+        check_resume(make_recipe("adapter.type=lokr"), {"recipe": saved}, tmp_path)
