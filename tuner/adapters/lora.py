@@ -14,13 +14,15 @@ from peft import LoraConfig, inject_adapter_in_model
 from peft.utils import get_peft_model_state_dict
 
 from tuner import files
+from tuner.adapters.patterns import check_adapter_patterns
 from tuner.errors import TunerError
 
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 KOHYA_WEIGHT_NAME = "pytorch_lora_weights_kohya.safetensors"
 
 
-def lora_config(adapter, targets) -> LoraConfig:
+def lora_config(adapter, targets, patterns: bool = True) -> LoraConfig:
+    """patterns: apply adapter.rank_pattern / alpha_pattern (denoiser module names)."""
     return LoraConfig(
         r=adapter.rank,
         lora_alpha=adapter.lora_alpha,
@@ -28,6 +30,8 @@ def lora_config(adapter, targets) -> LoraConfig:
         init_lora_weights=True if adapter.init == "default" else adapter.init,
         target_modules=targets,
         use_dora=adapter.dora,
+        rank_pattern=dict(adapter.rank_pattern) if patterns else {},
+        alpha_pattern=dict(adapter.alpha_pattern) if patterns else {},
     )
 
 
@@ -86,6 +90,7 @@ def inject(comps, adapter, family) -> dict[str, torch.nn.Module]:
     trained = {}
     targets = denoiser_targets(adapter, family, comps.denoiser)
     check_rank(adapter.rank, comps.denoiser, targets)
+    check_adapter_patterns(adapter, comps.denoiser, targets)
     comps.denoiser.add_adapter(lora_config(adapter, targets))
     trained[family.spec.denoiser] = comps.denoiser
     if adapter.text_encoder:
@@ -93,7 +98,7 @@ def inject(comps, adapter, family) -> dict[str, torch.nn.Module]:
             # peft directly, not transformers' add_adapter: that one demands a newer peft
             # than some transformers/peft pairings on PyPI provide.
             inject_adapter_in_model(
-                lora_config(adapter, list(family.spec.text_encoder_targets)),
+                lora_config(adapter, list(family.spec.text_encoder_targets), patterns=False),
                 encoder,
                 adapter_name="default",
             )
