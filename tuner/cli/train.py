@@ -38,6 +38,6 @@ def cmd_check(args) -> int:
     family = families.known_for(recipe.model)
     if family is not None:
         family.validate(recipe)
-    check_optimizer(recipe.train)
+    check_optimizer(recipe.train, recipe.adapter)
     print(recipe.to_yaml(), end="")
     return 0

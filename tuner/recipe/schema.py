@@ -79,7 +79,7 @@ def check_regex(pattern: str, where: str) -> None:
     try:
         re.compile(pattern)
     except re.error as exc:
-        raise ValueError(f"{where}: {pattern!r} is not a valid regex ({exc})") from exc
+        raise ValueError(f"{pattern!r} is not a valid regex ({exc}); {where} keys are regexes") from exc
 
 
 class BucketSection(Section):

@@ -89,7 +89,8 @@ def run_steps(run: Run) -> None:
     )
     for model in run.trained.values():
         model.train()
-    train_mode(run.optimizer)  # schedule-free: from the evaluation weights a checkpoint holds
+    if run.state["step"] < train_cfg.steps:
+        train_mode(run.optimizer)  # schedule-free: from the evaluation weights checkpoints hold
     try:  # the bar is closed before any error line, so that line is the last one printed
         while run.state["step"] < train_cfg.steps:
             step = run.state["step"] + 1
@@ -109,7 +110,7 @@ def run_steps(run: Run) -> None:
             if save_now or stop or sample_now:
                 # One switch to a schedule-free optimizer's evaluation weights for both: the
                 # checkpoint holds them, and a resumed run switches back exactly as this one.
-                with eval_weights(run.optimizer):
+                with eval_weights(run.optimizer, stay=step == train_cfg.steps):
                     if save_now or stop:
                         checkpoint.save_training_state(run)
                     if sample_now:

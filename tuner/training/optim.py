@@ -37,21 +37,23 @@ def optimizer_class(train) -> type:
         return torch.optim.AdamW
     if train.optimizer == "custom":
         module_name, _, class_name = (train.optimizer_class or "").rpartition(".")
-        what, fix = f"train.optimizer_class: {train.optimizer_class!r}", "check the name"
+        what = f"train.optimizer_class: cannot import {train.optimizer_class!r}"
+        fix = "check the name, or pip install its package"
     else:
         module_name, class_name, package = CLASSES[train.optimizer]
-        what = f"train.optimizer: {train.optimizer} needs {package}"
-        fix = f"pip install {package} (or pip install 'tuner[optimizers]')"
+        what = f"train.optimizer: {train.optimizer} needs {package}, which failed to import"
+        fix = f"pip install {package}"
     try:
         module = importlib.import_module(module_name) if module_name else None
     except Exception as exc:  # ImportError, or a broken CUDA setup raising at import
         reason = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}" if str(exc) else ""
-        raise TunerError(f"{what}, which failed to import ({reason}); {fix}") from exc
+        raise TunerError(f"{what} ({reason}); {fix}") from exc
     found = getattr(module, class_name, None) if module else None
     if not isinstance(found, type) or not issubclass(found, torch.optim.Optimizer):
         raise TunerError(
-            f"{what}: no optimizer class {class_name!r} in module {module_name!r}; write it as "
-            "module.Class (a torch.optim.Optimizer subclass, e.g. torch.optim.SGD)"
+            f"train.optimizer_class: {train.optimizer_class!r} is not an optimizer class (no "
+            f"torch.optim.Optimizer {class_name!r} in module {module_name!r}); write it as "
+            "module.Class, e.g. torch.optim.SGD"
         )
     return found
 
@@ -79,10 +81,23 @@ def optimizer_kwargs(train, device: torch.device) -> dict:
     return {**kwargs, **train.optimizer_args}
 
 
-def check_optimizer(train) -> None:
+def check_optimizer(train, adapter=None) -> None:
     """What `tuner check` and training verify before anything loads: the package imports, every
-    optimizer_args key is an argument of the class, and Prodigy's lr is of Prodigy's scale."""
+    optimizer_args key is an argument of the class, and Prodigy's lr is of Prodigy's scale and
+    one for all groups (Prodigy refuses groups at different lrs other than 0)."""
     cls = optimizer_class(train)
+    if train.optimizer == "prodigy":
+        odd = [k for k, factor in train.lr_pattern.items() if factor not in (0.0, 1.0)]
+        if odd:
+            raise TunerError(
+                f"train.lr_pattern: prodigy trains every group at one lr (multipliers 0 or 1 "
+                f"only), {odd[0]!r} has {train.lr_pattern[odd[0]]}; use another optimizer"
+            )
+        if adapter is not None and adapter.text_encoder_lr not in (None, train.lr):
+            raise TunerError(
+                "adapter.text_encoder_lr: prodigy trains every group at one lr; remove "
+                "text_encoder_lr or use another optimizer"
+            )
     params = inspect.signature(cls.__init__).parameters
     if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
         unknown = [key for key in train.optimizer_args if key not in params]
@@ -134,14 +149,15 @@ def train_mode(optimizer) -> None:
 
 
 @contextlib.contextmanager
-def eval_weights(optimizer):
+def eval_weights(optimizer, stay: bool = False):
     """The evaluation weights in the model while inside (sampling, saving), then back to the
-    training weights. A no-op for other optimizers and when already in eval mode."""
+    training weights unless `stay` (after the last step: the outputs are the eval weights, the
+    same bits as the last checkpoint). A no-op for other optimizers and when already in eval."""
     switch = has_eval_mode(optimizer) and optimizer.param_groups[0]["train_mode"]
     if switch:
         optimizer.eval()
     try:
         yield
     finally:
-        if switch:
+        if switch and not stay:
             optimizer.train()

@@ -208,7 +208,7 @@ def check_environment(recipe: Recipe) -> None:
             "train.mixed_precision: fp16 needs a CUDA GPU and this run is on the CPU; "
             "set train.mixed_precision=bf16 or no"
         )
-    check_optimizer(recipe.train)
+    check_optimizer(recipe.train, recipe.adapter)
     if "wandb" in recipe.log.to:
         check_wandb()
 
