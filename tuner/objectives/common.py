@@ -101,7 +101,9 @@ def elementwise_loss(pred, target, kind: str = "mse", huber_c: torch.Tensor | No
     if kind == "l1":
         return diff.abs()
     c = huber_c.float().view(-1, *([1] * (diff.ndim - 1)))
-    curve = 2 * (torch.sqrt(diff.pow(2) + c.pow(2)) - c)
+    # 2 (sqrt(d^2 + c^2) - c), written without the cancellation that loses it for c >> |d|.
+    square = diff.pow(2)
+    curve = 2 * square / (torch.sqrt(square + c.pow(2)) + c)
     if kind == "huber":
         return c * curve
     if kind == "smooth_l1":

@@ -79,7 +79,9 @@ def check_regex(pattern: str, where: str) -> None:
     try:
         re.compile(pattern)
     except re.error as exc:
-        raise ValueError(f"{pattern!r} is not a valid regex ({exc}); {where} keys are regexes") from exc
+        raise ValueError(
+            f"{pattern!r} is not a valid regex ({exc}); {where} keys are regexes"
+        ) from exc
 
 
 class BucketSection(Section):
@@ -244,8 +246,7 @@ class TrainSection(Section):
             self.__dict__["lr"] = 1.0  # Prodigy's lr is a multiplier on its own estimate
         if self.optimizer == "custom" and not self.optimizer_class:
             raise ValueError(
-                "optimizer: custom needs train.optimizer_class (module.Class, e.g. "
-                "torch.optim.SGD)"
+                "optimizer: custom needs train.optimizer_class (module.Class, e.g. torch.optim.SGD)"
             )
         if self.optimizer != "custom" and self.optimizer_class:
             raise ValueError(
