@@ -76,7 +76,12 @@ class LossSpec:
 
     @classmethod
     def of(cls, train) -> LossSpec:
-        return cls(train.loss, train.huber_c, train.huber_schedule)
+        # getattr: callers may pass a minimal train-like object (tests, benchmarks): mse.
+        return cls(
+            getattr(train, "loss", "mse"),
+            getattr(train, "huber_c", 0.1),
+            getattr(train, "huber_schedule", "snr"),
+        )
 
     def c_at(self, timesteps: torch.Tensor, num_timesteps: int, noise_ratio) -> torch.Tensor | None:
         """Per-sample c. noise_ratio: a callable giving noise std / signal std at the timesteps
