@@ -84,9 +84,7 @@ def test_pattern_ranks_and_alphas_load_through_diffusers_as_trained(make_recipe)
     from diffusers import StableDiffusionPipeline
 
     from tuner.inference.pipelines import load_base
-    from tuner.training.run import run_training
-
-    from tuner.training.run import parameter_groups
+    from tuner.training.run import parameter_groups, run_training
 
     recipe = make_recipe(*PATTERNS)
     result = run_training(recipe)

@@ -250,10 +250,10 @@ def test_resume_restores_8bit_optimizer_state(tmp_path, style_dir):
         assert torch.equal(expected[key], got[key]), key
 
 
-# The two whose state lives outside plain per-parameter tensors run in the fast tier.
+# Schedule-free (train/eval switching around every save) runs in the fast tier, the rest slow.
 OPTIMIZERS = [
     pytest.param("adamw", marks=pytest.mark.slow),
-    "prodigy",  # its d estimate is in the param groups
+    pytest.param("prodigy", marks=pytest.mark.slow),  # its d estimate is in the param groups
     pytest.param("adafactor", marks=pytest.mark.slow),
     pytest.param("came", marks=pytest.mark.slow),
     "adamw_schedulefree",  # z, the step count and the train/eval mode
