@@ -33,6 +33,15 @@ install_torch() {
 install_stamp() { sha256sum "$ROOT/pyproject.toml" | cut -d' ' -f1; }
 STAMP="$VENV/.tuner-pyproject"
 
+# What each extra of pyproject.toml brings, as import names (an env lacking one reinstalls).
+extra_modules() {
+  local optimizers="prodigyopt, came_pytorch, schedulefree"
+  case "$1" in
+    test) echo "pytest, ruff, wandb, $optimizers" ;;
+    optimizers) echo "$optimizers" ;;
+  esac
+}
+
 ensure_env() {
   local extra="$1"
   local py="python3"
@@ -41,7 +50,7 @@ ensure_env() {
   if (cd / && "$py" -c "import sys, torch, diffusers, peft, accelerate, tuner
 sys.exit(0 if tuner.__file__.startswith('$ROOT') else 1)") 2>/dev/null \
       && { [ "$py" != "$VENV/bin/python" ] || [ "$(cat "$STAMP" 2>/dev/null)" = "$(install_stamp)" ]; } \
-      && { [ -z "$extra" ] || (cd / && "$py" -c "import pytest, ruff, wandb") 2>/dev/null; }; then
+      && { [ -z "$extra" ] || (cd / && "$py" -c "import $(extra_modules "$extra")") 2>/dev/null; }; then
     PY="$py"; return
   fi
   if [ ! -x "$VENV/bin/python" ]; then
@@ -84,7 +93,7 @@ fi
 
 if [ "${1:-}" = "tuner" ]; then
   shift
-  ensure_env ""
+  ensure_env optimizers
   exec "$PY" -m tuner "$@"
 fi
 
@@ -105,7 +114,7 @@ if [ $# -lt 1 ]; then
   exit 2
 fi
 
-ensure_env ""
+ensure_env optimizers  # train.optimizer may name any of them
 # The flags as given, for the resume command tuner prints (Recipe.command).
 unset TUNER_NUM_PROCESSES TUNER_CONFIG_FILE
 if [ -n "$NUM_PROCESSES" ]; then export TUNER_NUM_PROCESSES="$NUM_PROCESSES"; fi

@@ -63,7 +63,7 @@ def test_missing_file_and_missing_required_key(tmp_path):
         ("data.resolution=100", "data.resolution: resolution 100 is not a multiple of 8"),
         ("train.batch_size=0", "train.batch_size: expected a value >= 1, got 0"),
         ("model.family=sd9", "model.family: unknown family 'sd9'"),
-        ("train.optimizer=sgd", "train.optimizer: expected one of 'adamw' or 'adamw8bit'"),
+        ("train.optimizer=sgd", "train.optimizer: expected one of 'adamw', 'adamw8bit', 'prodigy'"),
         ("train.mixed_precision=fp8", "train.mixed_precision: expected one of"),
     ],
 )

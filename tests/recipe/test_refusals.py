@@ -122,6 +122,27 @@ CASES = [
         "adapter.rank: 100000 is larger than any targeted layer can use",
     ),
     (
+        "rank pattern naming no module",
+        ["adapter.rank_pattern={nope: 2}"],
+        None,
+        2,
+        "adapter.rank_pattern: 'nope' matches no LoRA module of the denoiser",
+    ),
+    (
+        "lr pattern naming no module",
+        ["train.lr_pattern={to_z: 2}"],
+        None,
+        2,
+        "train.lr_pattern: 'to_z' matches no LoRA module of the denoiser",
+    ),
+    (
+        "optimizer package missing",
+        ["train.optimizer=custom", "train.optimizer_class=no_such_pkg.Opt"],
+        None,
+        2,
+        "train.optimizer_class: cannot import 'no_such_pkg.Opt' (ModuleNotFoundError",
+    ),
+    (
         "duplicate keys",
         duplicate_keys,
         None,

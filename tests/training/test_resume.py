@@ -248,3 +248,59 @@ def test_resume_restores_8bit_optimizer_state(tmp_path, style_dir):
     expected, got = adapter(tmp_path / "full8"), adapter(tmp_path / "part8")
     for key in expected:
         assert torch.equal(expected[key], got[key]), key
+
+
+# Schedule-free (train/eval switching around every save) runs in the fast tier, the rest slow.
+OPTIMIZERS = [
+    pytest.param("adamw", marks=pytest.mark.slow),
+    pytest.param("prodigy", marks=pytest.mark.slow),  # its d estimate is in the param groups
+    pytest.param("adafactor", marks=pytest.mark.slow),
+    pytest.param("came", marks=pytest.mark.slow),
+    "adamw_schedulefree",  # z, the step count and the train/eval mode
+    pytest.param("lion8bit", marks=pytest.mark.slow),
+    pytest.param("custom", marks=pytest.mark.slow),
+]
+
+
+@pytest.mark.parametrize("optimizer", OPTIMIZERS)
+def test_resume_is_bitwise_for_every_optimizer(optimizer, tmp_path, style_dir):
+    """Uninterrupted vs resumed from the step-2 checkpoint: the same final adapter, bit for bit,
+    and the optimizer state saved (Prodigy's d estimate in its groups, schedule-free's z and
+    step count) is what the resumed run reloads. adamw8bit has its own test above."""
+    import shutil
+
+    from tuner.recipe import load_recipe
+    from tuner.training.run import run_training
+
+    settings = [f"train.optimizer={optimizer}", "adapter.dropout=0.0", "data.caption_dropout=0"]
+    settings += {
+        "prodigy": ["train.lr=1.0"],
+        "adamw_schedulefree": ["train.lr_scheduler=constant", "sample.every=1"],
+        "custom": ["train.optimizer_class=torch.optim.SGD", "train.optimizer_args.momentum=0.9"],
+    }.get(optimizer, [])
+    short = {"steps": 4, "batch_size": 1, "grad_accum": 1, "warmup_steps": 0}
+    full = load_recipe(recipe_file(tmp_path, style_dir, "full", **short), settings)
+    if optimizer == "adamw_schedulefree":  # samples during training: each an eval/train switch
+        full = full.model_copy(update={"sample": full.sample.model_copy(update={"steps": 1})})
+    run_training(full)
+    saved = tmp_path / "full" / "checkpoints" / "step-000002"
+    state = torch.load(saved / "training_state.pt", weights_only=True)["optimizer"]
+    if optimizer == "prodigy":
+        assert state["param_groups"][0]["d_numerator"] > 0  # its estimate is in the state
+    if optimizer == "adamw_schedulefree":
+        assert state["param_groups"][0]["train_mode"] is False  # saved in eval mode
+        assert all("z" in s for s in state["state"].values())
+    part_dir = tmp_path / "part"
+    shutil.copytree(saved, part_dir / "checkpoints" / saved.name)
+    part = full.model_copy(
+        update={
+            "output": full.output.model_copy(update={"dir": str(part_dir)}),
+            "train": full.train.model_copy(update={"resume": "latest"}),
+        }
+    )
+    run_training(part)
+    expected, got = adapter(tmp_path / "full"), adapter(part_dir)
+    at_two = load_file(str(saved / WEIGHT_NAME))
+    assert any(not torch.equal(at_two[k], expected[k]) for k in expected)  # steps 3-4 trained
+    for key in expected:
+        assert torch.equal(expected[key], got[key]), key

@@ -14,6 +14,7 @@ from peft import LoraConfig, inject_adapter_in_model
 from peft.utils import get_peft_model_state_dict
 
 from tuner import files
+from tuner.adapters.patterns import check_adapter_patterns
 from tuner.errors import TunerError
 
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"
@@ -21,8 +22,9 @@ KOHYA_WEIGHT_NAME = "pytorch_lora_weights_kohya.safetensors"
 ADAPTER_MARKERS = ("lora_", "hada_", "lokr_")  # adapter parameter names (LoRA, LoHa, LoKr)
 
 
-def lora_config(adapter, targets):
-    """The peft config of adapter.type: LoraConfig, or LoHaConfig / LoKrConfig."""
+def lora_config(adapter, targets, patterns: bool = True):
+    """The peft config of adapter.type: LoraConfig, or LoHaConfig / LoKrConfig.
+    patterns: apply adapter.rank_pattern / alpha_pattern (denoiser module names)."""
     if adapter.type != "lora":
         from tuner.adapters.lycoris import peft_config
 
@@ -34,6 +36,8 @@ def lora_config(adapter, targets):
         init_lora_weights=True if adapter.init == "default" else adapter.init,
         target_modules=targets,
         use_dora=adapter.dora,
+        rank_pattern=dict(adapter.rank_pattern) if patterns else {},
+        alpha_pattern=dict(adapter.alpha_pattern) if patterns else {},
     )
 
 
@@ -93,6 +97,7 @@ def inject(comps, adapter, family) -> dict[str, torch.nn.Module]:
     targets = denoiser_targets(adapter, family, comps.denoiser)
     if adapter.type != "lokr":  # a LoKr rank above the factors' widths means full factors
         check_rank(adapter.rank, comps.denoiser, targets)
+    check_adapter_patterns(adapter, comps.denoiser, targets)
     comps.denoiser.add_adapter(lora_config(adapter, targets))
     trained[family.spec.denoiser] = comps.denoiser
     if adapter.text_encoder:
@@ -100,7 +105,7 @@ def inject(comps, adapter, family) -> dict[str, torch.nn.Module]:
             # peft directly, not transformers' add_adapter: that one demands a newer peft
             # than some transformers/peft pairings on PyPI provide.
             inject_adapter_in_model(
-                lora_config(adapter, list(family.spec.text_encoder_targets)),
+                lora_config(adapter, list(family.spec.text_encoder_targets), patterns=False),
                 encoder,
                 adapter_name="default",
             )

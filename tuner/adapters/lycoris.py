@@ -60,6 +60,8 @@ def check_options(adapter, spec) -> None:
         "init": "LoRA initialisations only",
         "dropout": "LoRA input dropout; use adapter.rank_dropout or adapter.module_dropout",
         "text_encoder": "text-encoder LoHa/LoKr is not supported; train the denoiser only",
+        "rank_pattern": "per-module ranks are written for LoRA files only; use adapter.rank",
+        "alpha_pattern": "per-module alphas are written for LoRA files only; use adapter.alpha",
     }
     for key, why in lora_only.items():
         if getattr(adapter, key) != getattr(default, key):

@@ -31,11 +31,13 @@ def cmd_train(args) -> int:
 def cmd_check(args) -> int:
     from tuner import families
     from tuner.recipe import load_recipe
+    from tuner.training.optim import check_optimizer
 
     recipe = load_recipe(args.recipe, args.overrides)
     # The family's own checks, whenever the family is known without the network.
     family = families.known_for(recipe.model)
     if family is not None:
         family.validate(recipe)
+    check_optimizer(recipe.train, recipe.adapter)
     print(recipe.to_yaml(), end="")
     return 0

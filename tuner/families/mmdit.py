@@ -10,6 +10,7 @@ from tuner.errors import TunerError
 from tuner.families import quantize
 from tuner.families.base import Components, replace
 from tuner.families.loading import model_identity
+from tuner.objectives.common import LossSpec
 from tuner.objectives.flow import FlowMatchObjective, build_flow_objective
 
 # The joint attention of every MMDiT block: image stream (to_*) and text stream (add_*).
@@ -99,6 +100,7 @@ def flow_objective(comps: Components, train) -> FlowMatchObjective:
         noise_offset=train.noise_offset,
         default_shift=config.get("shift", 1.0),
         default_resolution_shift=bool(config.get("use_dynamic_shifting", False)),
+        loss=LossSpec.of(train),
     )
 
 

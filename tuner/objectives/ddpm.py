@@ -7,14 +7,21 @@ import torch
 from diffusers import DDPMScheduler
 from diffusers.training_utils import compute_snr
 
-from tuner.objectives.common import TrainingInputs, sample_noise, shared_draw, streams
+from tuner.objectives.common import LossSpec, TrainingInputs, sample_noise, shared_draw, streams
 
 
 class DDPMObjective:
     """Discrete-time DDPM: epsilon or v-prediction, optional min-SNR-gamma weighting."""
 
-    def __init__(self, scheduler, noise_offset: float = 0.0, min_snr_gamma: float | None = None):
+    def __init__(
+        self,
+        scheduler,
+        noise_offset: float = 0.0,
+        min_snr_gamma: float | None = None,
+        loss: LossSpec | None = None,
+    ):
         self.scheduler = scheduler
+        self.loss = loss or LossSpec()
         self.noise_offset = noise_offset
         self.min_snr_gamma = min_snr_gamma
         self.prediction_type = scheduler.config.prediction_type
@@ -35,6 +42,11 @@ class DDPMObjective:
         # Min-SNR (Hang et al. 2023); v-prediction's loss already carries a factor snr + 1.
         return clipped / (snr + 1) if self.prediction_type == "v_prediction" else clipped / snr
 
+    def noise_ratio(self, timesteps: torch.Tensor) -> torch.Tensor:
+        """Noise std over signal std at the timesteps: sqrt((1 - alpha_bar) / alpha_bar)."""
+        alpha_bar = self.scheduler.alphas_cumprod.to(timesteps.device)[timesteps].float()
+        return ((1 - alpha_bar) / alpha_bar).sqrt()
+
     def sample(
         self, latents: torch.Tensor, generator: torch.Generator, share: tuple[int, int] = (0, 1)
     ) -> TrainingInputs:
@@ -49,7 +61,11 @@ class DDPMObjective:
         )
         noisy = self.scheduler.add_noise(latents, noise, timesteps)
         return TrainingInputs(
-            noisy, timesteps, self.target(latents, noise, timesteps), self.weight(timesteps)
+            noisy,
+            timesteps,
+            self.target(latents, noise, timesteps),
+            self.weight(timesteps),
+            self.loss.c_at(timesteps, self.num_timesteps, self.noise_ratio),
         )
 
 
@@ -61,4 +77,5 @@ def ddpm_objective(scheduler, train) -> DDPMObjective:
         DDPMScheduler.from_config(scheduler.config),
         noise_offset=train.noise_offset,
         min_snr_gamma=train.min_snr_gamma,
+        loss=LossSpec.of(train),
     )

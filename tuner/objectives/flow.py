@@ -20,7 +20,7 @@ from diffusers.training_utils import (
     compute_loss_weighting_for_sd3,
 )
 
-from tuner.objectives.common import TrainingInputs, sample_noise, shared_draw
+from tuner.objectives.common import LossSpec, TrainingInputs, sample_noise, shared_draw
 
 
 class FlowMatchObjective:
@@ -44,8 +44,10 @@ class FlowMatchObjective:
         weighting: str = "none",
         noise_offset: float = 0.0,
         patch_size: int = 2,
+        loss: LossSpec | None = None,
     ):
         self.scheduler = scheduler
+        self.loss = loss or LossSpec()
         self.sampling, self.weighting = sampling, weighting
         self.logit_mean, self.logit_std, self.mode_scale = logit_mean, logit_std, mode_scale
         self.shift, self.resolution_shift = shift, resolution_shift
@@ -105,7 +107,13 @@ class FlowMatchObjective:
         s = sigmas.to(latents.dtype).view(-1, *([1] * (latents.ndim - 1)))
         noisy = (1.0 - s) * latents + s * noise
         timesteps = sigmas * self.num_timesteps
-        return TrainingInputs(noisy, timesteps, noise - latents, self.weight(sigmas))
+        huber_c = self.loss.c_at(timesteps, self.num_timesteps, lambda _: self.noise_ratio(sigmas))
+        return TrainingInputs(noisy, timesteps, noise - latents, self.weight(sigmas), huber_c)
+
+    @staticmethod
+    def noise_ratio(sigmas: torch.Tensor) -> torch.Tensor:
+        """Noise std over signal std of x_t = (1 - sigma) x0 + sigma noise."""
+        return sigmas / (1 - sigmas).clamp_min(1e-6)
 
     def sample(
         self, latents: torch.Tensor, generator: torch.Generator, share: tuple[int, int] = (0, 1)
@@ -126,6 +134,7 @@ def build_flow_objective(
     noise_offset: float = 0.0,
     default_shift: float,
     default_resolution_shift: bool,
+    loss: LossSpec | None = None,
 ) -> FlowMatchObjective:
     """The recipe's train.flow section -> objective. An explicit train.flow.shift turns the
     resolution shift off unless train.flow.resolution_shift asks for it."""
@@ -142,4 +151,5 @@ def build_flow_objective(
         resolution_shift=resolution_shift,
         weighting=flow.loss_weighting,
         noise_offset=noise_offset,
+        loss=loss,
     )

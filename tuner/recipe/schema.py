@@ -63,10 +63,33 @@ class AdapterSection(Section):
     text_encoder: bool = False
     text_encoder_lr: float | None = Field(None, gt=0)
     text_encoder_stop: float = Field(1.0, gt=0, le=1)
+    # Denoiser module pattern -> rank / alpha (peft's LoraConfig fields of the same names).
+    rank_pattern: dict[str, int] = Field(default_factory=dict)
+    alpha_pattern: dict[str, float] = Field(default_factory=dict)
+
+    @field_validator("rank_pattern", "alpha_pattern")
+    @classmethod
+    def _pattern_values(cls, value: dict, info) -> dict:
+        for key, number in value.items():
+            check_regex(key, f"adapter.{info.field_name}")
+            if number <= 0:
+                raise ValueError(f"{key!r}: {number} must be > 0")
+        return value
 
     @property
     def lora_alpha(self) -> float:
         return self.alpha if self.alpha is not None else float(self.rank)
+
+
+def check_regex(pattern: str, where: str) -> None:
+    import re
+
+    try:
+        re.compile(pattern)
+    except re.error as exc:
+        raise ValueError(
+            f"{pattern!r} is not a valid regex ({exc}); {where} keys are regexes"
+        ) from exc
 
 
 class BucketSection(Section):
@@ -160,12 +183,37 @@ class FlowSection(Section):
 FLAT_FLOW_KEYS = tuple(FlowSection.model_fields)
 
 
+# Which of train.betas / train.eps each named optimizer takes (custom: neither, pass them in
+# train.optimizer_args). Adafactor and CAME have tuple eps of another meaning.
+OPTIMIZER_TAKES = {
+    "adamw": ("betas", "eps"),
+    "adamw8bit": ("betas", "eps"),
+    "prodigy": ("betas", "eps"),
+    "adamw_schedulefree": ("betas", "eps"),
+    "lion8bit": ("betas",),
+    "adafactor": (),
+    "came": (),
+    "custom": (),
+}
+
+
 class TrainSection(Section):
     steps: int = Field(ge=1)
     batch_size: int = Field(1, ge=1)
     grad_accum: int = Field(1, ge=1)
     lr: float = Field(1e-4, gt=0)
-    optimizer: Literal["adamw", "adamw8bit"] = "adamw"
+    optimizer: Literal[
+        "adamw",
+        "adamw8bit",
+        "prodigy",
+        "adafactor",
+        "came",
+        "adamw_schedulefree",
+        "lion8bit",
+        "custom",
+    ] = "adamw"
+    optimizer_class: str | None = None  # module.Class, with optimizer=custom
+    optimizer_args: dict = Field(default_factory=dict)  # extra keyword arguments, any optimizer
     weight_decay: float = Field(1e-2, ge=0)
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = Field(1e-8, gt=0)
@@ -179,12 +227,61 @@ class TrainSection(Section):
     max_grad_norm: float | None = Field(1.0, gt=0)
     noise_offset: float = Field(0.0, ge=0)
     min_snr_gamma: float | None = Field(None, gt=0)
+    loss: Literal["mse", "huber", "smooth_l1", "l1"] = "mse"
+    huber_c: float = Field(0.1, gt=0)
+    huber_schedule: Literal["constant", "exponential", "snr"] = "snr"
+    lr_pattern: dict[str, float] = Field(default_factory=dict)  # denoiser module regex -> lr x
     flow: FlowSection = Field(default_factory=FlowSection)
     guidance: float = 1.0  # the value a guidance-distilled denoiser (Flux dev) embeds
     max_sequence_length: int | None = Field(None, ge=1)  # T5 tokens (sd3, flux)
     resume: str | None = None
     nan_patience: int = Field(20, ge=1)
     compile: bool = False
+
+    @field_validator("lr_pattern")
+    @classmethod
+    def _lr_multipliers(cls, value: dict) -> dict:
+        for key, factor in value.items():
+            check_regex(key, "train.lr_pattern")
+            if factor < 0:
+                raise ValueError(f"train.lr_pattern: {key!r}: multiplier {factor} must be >= 0")
+        return value
+
+    @model_validator(mode="after")
+    def _options_apply(self) -> TrainSection:
+        """Settings the chosen optimizer or loss cannot use are refused, never ignored."""
+        if self.optimizer == "prodigy" and "lr" not in self.model_fields_set:
+            self.__dict__["lr"] = 1.0  # Prodigy's lr is a multiplier on its own estimate
+        if self.optimizer == "custom" and not self.optimizer_class:
+            raise ValueError(
+                "optimizer: custom needs train.optimizer_class (module.Class, e.g. torch.optim.SGD)"
+            )
+        if self.optimizer != "custom" and self.optimizer_class:
+            raise ValueError(
+                f"optimizer_class: only read with train.optimizer=custom (it is "
+                f"{self.optimizer}); set train.optimizer=custom or remove optimizer_class"
+            )
+        if self.optimizer == "adamw_schedulefree" and self.lr_scheduler != "constant":
+            raise ValueError(
+                f"lr_scheduler: adamw_schedulefree needs lr_scheduler=constant (it is "
+                f"{self.lr_scheduler}); its schedule is built in, warmup via train.warmup_steps"
+            )
+        takes = OPTIMIZER_TAKES.get(self.optimizer, ("betas", "eps"))
+        for key in ("betas", "eps"):
+            # Compared with the default, not model_fields_set: a dumped recipe sets every key.
+            if key not in takes and getattr(self, key) != type(self).model_fields[key].default:
+                raise ValueError(
+                    f"{key}: {self.optimizer} has no such setting; remove train.{key} "
+                    "(or pass the optimizer's own argument in train.optimizer_args)"
+                )
+        if self.loss not in ("huber", "smooth_l1"):
+            for key in ("huber_c", "huber_schedule"):
+                if getattr(self, key) != type(self).model_fields[key].default:
+                    raise ValueError(
+                        f"{key}: only read with train.loss=huber or smooth_l1 (it is "
+                        f"{self.loss}); remove train.{key}"
+                    )
+        return self
 
     @model_validator(mode="before")
     @classmethod

@@ -32,7 +32,11 @@ IDENTITY = (
     "adapter.decompose_both",
     "adapter.decompose_factor",
     "train.optimizer",
+    "train.optimizer_class",
 )
+# Mappings whose every entry is identity: per-module ranks/alphas shape the adapter, and the
+# lr patterns lay out the optimizer's parameter groups.
+IDENTITY_MAPS = ("adapter.rank_pattern.", "adapter.alpha_pattern.", "train.lr_pattern.")
 # Where the run is and how it was started, not what it trains.
 IGNORED = ("train.resume", "output.overwrite", "output.dir")
 
@@ -86,7 +90,7 @@ def check_resume(recipe, state: dict, checkpoint: Path) -> str | None:
     if not saved:
         return None  # a checkpoint from before recipes were recorded: nothing to compare
     changed = differences(saved, recipe.model_dump(mode="json"))
-    fixed = [c for c in changed if c[0] in IDENTITY]
+    fixed = [c for c in changed if c[0] in IDENTITY or c[0].startswith(IDENTITY_MAPS)]
     if fixed:
         was = " and ".join(f"{key}={show(old)}" for key, old, _ in fixed)
         now = " and ".join(f"{key}={show(new)}" for key, _, new in fixed)

@@ -16,8 +16,9 @@ from tqdm.auto import tqdm
 
 from tuner.adapters import lora
 from tuner.errors import TunerError
-from tuner.objectives.common import weighted_mse
+from tuner.objectives.common import weighted_loss
 from tuner.training import checkpoint
+from tuner.training.optim import eval_weights, train_mode
 
 log = logging.getLogger("tuner")
 
@@ -66,7 +67,7 @@ def compute_loss(recipe, family, comps, objective, batch, generator, accelerator
     inputs = objective.sample(latents.float(), generator, share)
     with accelerator.autocast():
         pred = family.predict(comps, inputs.noisy, inputs.timesteps, cond, batch)
-    per_sample = weighted_mse(pred, inputs.target, inputs.weight)
+    per_sample = weighted_loss(pred, inputs.target, inputs.weight, objective.loss, inputs.huber_c)
     is_prior = batch["is_prior"].to(device, non_blocking=True)
     instance = per_sample[~is_prior].mean()
     if recipe.dreambooth is None or not recipe.dreambooth.with_prior_preservation:
@@ -88,6 +89,8 @@ def run_steps(run: Run) -> None:
     )
     for model in run.trained.values():
         model.train()
+    if run.state["step"] < train_cfg.steps:
+        train_mode(run.optimizer)  # schedule-free: from the evaluation weights checkpoints hold
     try:  # the bar is closed before any error line, so that line is the last one printed
         while run.state["step"] < train_cfg.steps:
             step = run.state["step"] + 1
@@ -103,9 +106,15 @@ def run_steps(run: Run) -> None:
             log_progress(run, step, running, bar)
             save_now = run.recipe.output.save_every and step % run.recipe.output.save_every == 0
             stop = stop_everywhere(run, stopper.requested)
-            if save_now or stop:
-                checkpoint.save_training_state(run)
-            sample_during_training(run, step)
+            sample_now = sampling_due(run, step)
+            if save_now or stop or sample_now:
+                # One switch to a schedule-free optimizer's evaluation weights for both: the
+                # checkpoint holds them, and a resumed run switches back exactly as this one.
+                with eval_weights(run.optimizer, stay=step == train_cfg.steps):
+                    if save_now or stop:
+                        checkpoint.save_training_state(run)
+                    if sample_now:
+                        sample_during_training(run, step)
             if stop:
                 raise Stopped(
                     f"stopped by {stopper.signal_name or 'a signal'} at step {step}; resume with: "
@@ -220,10 +229,15 @@ def log_progress(run: Run, step: int, running: torch.Tensor, bar) -> None:
     running.zero_()
 
 
-def sample_during_training(run: Run, step: int) -> None:
+def sampling_due(run: Run, step: int) -> bool:
     every = run.recipe.sample.every
-    if not every or step % every or step >= run.recipe.train.steps:
-        return  # the final grid is made with the outputs
+    # The final grid is made with the outputs.
+    return bool(every) and step % every == 0 and step < run.recipe.train.steps
+
+
+def sample_during_training(run: Run, step: int) -> None:
+    if not sampling_due(run, step):
+        return
     if run.accelerator.is_main_process:
         from tuner.inference.grids import training_grid
 

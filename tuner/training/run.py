@@ -16,7 +16,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 
 from tuner import families, files
-from tuner.adapters import lora
+from tuner.adapters import lora, patterns
 from tuner.data.cache import CachePlan, TensorCache, build_cache, default_cache_dir
 from tuner.data.dataset import TrainDataset
 from tuner.data.items import collect_items, data_fingerprint
@@ -27,7 +27,7 @@ from tuner.errors import TunerError
 from tuner.recipe import Recipe
 from tuner.training import changes, checkpoint, dreambooth
 from tuner.training.loop import Run, run_steps, stop_text_encoder_training
-from tuner.training.optim import build_optimizer, build_scheduler
+from tuner.training.optim import build_optimizer, build_scheduler, check_optimizer, has_eval_mode
 from tuner.training.outputs import check_output_dir, claim_output_dir, finish_outputs
 
 log = logging.getLogger("tuner")
@@ -100,12 +100,10 @@ def run_training(recipe: Recipe, *, count_flops: bool = False) -> TrainingResult
         module.requires_grad_(False).eval()
     # A rank no targeted layer can use fails now, not after the cache is built (a LoKr rank
     # above the factors' widths is legal: it means full Kronecker factors).
+    targets = lora.denoiser_targets(recipe.adapter, family, comps.denoiser)
     if recipe.adapter.type != "lokr":
-        lora.check_rank(
-            recipe.adapter.rank,
-            comps.denoiser,
-            lora.denoiser_targets(recipe.adapter, family, comps.denoiser),
-        )
+        lora.check_rank(recipe.adapter.rank, comps.denoiser, targets)
+    patterns.check_adapter_patterns(recipe.adapter, comps.denoiser, targets)
     device = accelerator.device
     if accelerator.is_main_process:
         warn_long_captions(report.captions, comps.tokenizers)
@@ -177,6 +175,8 @@ def run_training(recipe: Recipe, *, count_flops: bool = False) -> TrainingResult
 
     # 6. Steps, then the outputs.
     run_steps(run)
+    if has_eval_mode(run.optimizer):
+        run.optimizer.eval()  # schedule-free: the outputs are its evaluation weights
     peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else 0
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -210,6 +210,7 @@ def check_environment(recipe: Recipe) -> None:
             "train.mixed_precision: fp16 needs a CUDA GPU and this run is on the CPU; "
             "set train.mixed_precision=bf16 or no"
         )
+    check_optimizer(recipe.train, recipe.adapter)
     if "wandb" in recipe.log.to:
         check_wandb()
 
@@ -295,12 +296,12 @@ def place_frozen_modules(comps, plan: CachePlan, device) -> None:
 
 
 def parameter_groups(trained, family, recipe: Recipe) -> list[dict]:
+    """The denoiser's LoRA in one group, or one per train.lr_pattern match plus the rest; each
+    text encoder's in its own. All denoiser groups are named "denoiser"."""
+    denoiser = trained[family.spec.denoiser]
     groups = [
-        {
-            "params": lora.trainable_parameters(trained[family.spec.denoiser]),
-            "lr": recipe.train.lr,
-            "name": "denoiser",
-        }
+        {**group, "name": "denoiser"}
+        for group in patterns.lr_groups(denoiser, recipe.train.lr, recipe.train.lr_pattern)
     ]
     for name, module in trained.items():
         if name != family.spec.denoiser:
