@@ -22,6 +22,7 @@ from tuner import files
 from tuner.data.items import Item, prepare_image
 from tuner.devices import on_device
 from tuner.errors import TunerError
+from tuner.families import text_encoders
 
 log = logging.getLogger("tuner")
 
@@ -217,7 +218,7 @@ def _cache_texts(captions, plan, family, comps, device, batch_size, stats) -> No
     stats["hit"] += len(captions) - len(todo)
     if not todo:
         return
-    with on_device(comps.text_encoders.values(), device):
+    with text_encoders.encoding_phase(comps, device):  # whole, or streamed when offloaded
         for start in tqdm(range(0, len(todo), batch_size), desc="caching prompts", unit="batch"):
             chunk = todo[start : start + batch_size]
             encoded = family.encode_prompts(comps, chunk)

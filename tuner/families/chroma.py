@@ -55,6 +55,7 @@ class ChromaFamily(FamilyBase):
         objective="flow",
         text_encoder_lora=False,
         quantize=True,
+        text_encoder_memory=True,
     )
 
     def validate(self, recipe) -> None:
