@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import inspect
 import json
 import logging
@@ -184,6 +185,14 @@ def move_all_but_layers(encoder: nn.Module, lists: list[nn.ModuleList], device) 
             ml._modules.update(modules)
 
 
+def _to(device, block, _args) -> None:  # hooks return None: a value would replace the args
+    block.to(device)
+
+
+def _back_to_cpu(block, _args, _output) -> None:
+    block.to("cpu")
+
+
 @contextlib.contextmanager
 def streamed(encoders: Iterable[nn.Module], device) -> Iterator[None]:
     """Run a phase with each encoder's blocks kept on the CPU and copied to `device` just for
@@ -197,8 +206,8 @@ def streamed(encoders: Iterable[nn.Module], device) -> Iterator[None]:
             move_all_but_layers(encoder, lists, device)
             placed.append((encoder, lists))
             for block in (block for ml in lists for block in ml):
-                handles.append(block.register_forward_pre_hook(lambda m, _: m.to(device)))
-                handles.append(block.register_forward_hook(lambda m, _, __: m.to("cpu")))
+                handles.append(block.register_forward_pre_hook(functools.partial(_to, device)))
+                handles.append(block.register_forward_hook(_back_to_cpu))
         yield
     finally:
         for handle in handles:
