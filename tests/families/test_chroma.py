@@ -351,9 +351,9 @@ def test_single_file_conversion_matches_diffusers_own_at_full_width():
         if parts[0] in ("transformer_blocks", "single_transformer_blocks") and parts[1] != "0":
             continue
         shape = list(tensor.shape)
-        if parts[0] == "single_transformer_blocks" and "proj_out" not in key:
-            if "norm" not in key:
-                shape[0] = 3072 * 4 if "proj_mlp" in key else 3072
+        single = parts[0] == "single_transformer_blocks"
+        if single and "proj_out" not in key and "norm" not in key:
+            shape[0] = 3072 * 4 if "proj_mlp" in key else 3072
         state[key] = torch.randn(shape, generator=generator)
     bfl = {f"model.diffusion_model.{k}": v for k, v in chroma_to_bfl(state, config).items()}
     ours = to_diffusers(dict(bfl), config)

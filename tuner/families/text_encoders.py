@@ -94,9 +94,8 @@ def keep_cpu_kernels_working(encoder: nn.Module) -> None:
 
     for module in encoder.modules():
         state = getattr(getattr(module, "weight", None), "quant_state", None)
-        if isinstance(module, Linear4bit) and state is not None:
-            if module.in_features % state.blocksize:
-                module.support_avx512bf16_for_cpu = False
+        if isinstance(module, Linear4bit) and state and module.in_features % state.blocksize:
+            module.support_avx512bf16_for_cpu = False
 
 
 def quantized_components(model, dtype: torch.dtype, skip: Iterable[str] = ()) -> dict:
@@ -168,9 +167,9 @@ def layer_lists(encoder: nn.Module) -> list[nn.ModuleList]:
     CLIP `layers`), which are streamed one at a time."""
     found: list[tuple[str, nn.ModuleList]] = []
     for name, module in encoder.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) > 1:
-            if not any(name.startswith(f"{outer}.") for outer, _ in found):
-                found.append((name, module))
+        inside = any(name.startswith(f"{outer}.") for outer, _ in found)
+        if isinstance(module, nn.ModuleList) and len(module) > 1 and not inside:
+            found.append((name, module))
     return [module for _, module in found]
 
 
