@@ -203,3 +203,48 @@ def test_settings_that_cannot_apply_are_refused_in_one_line(make_recipe, base, o
     with pytest.raises(TunerError, match=message) as caught:
         families.known_for(recipe.model).validate(recipe)
     assert "\n" not in str(caught.value)
+
+
+def test_class_images_render_without_the_quantized_encoder_on_the_device(
+    make_recipe, tmp_path, monkeypatch
+):
+    """DreamBooth class generation: the class prompt is encoded first, then the images render
+    with only the denoiser and VAE on the device, the same images the live encoder gives."""
+    from tuner.training import dreambooth
+
+    recipe = make_recipe(
+        "model.text_encoder_quantize=nf4",
+        "data.resolution=32",
+        f"dreambooth.instance_dir={tmp_path / 'unused'}",
+        "dreambooth.instance_prompt=a sks circle",
+        "dreambooth.class_prompt=a circle",
+        "dreambooth.num_class_images=2",
+        "dreambooth.class_generation_steps=2",
+        "dreambooth.with_prior_preservation=true",
+        base="builtin:tiny-qwen-image",
+    )
+    family, comps = load(recipe.model.path, text_encoder_quantize="nf4")
+    comps = text_encoders.mark(comps, recipe.model)
+    encoder = comps.text_encoders["text_encoder"]
+    visits = []
+    on_device = dreambooth.on_device
+
+    def recording_on_device(modules, device):
+        modules = list(modules)
+        visits.append(modules)
+        return on_device(modules, device)
+
+    monkeypatch.setattr(dreambooth, "on_device", recording_on_device)
+    kept = tmp_path / "kept"
+    assert dreambooth.generate_class_images(recipe, family, comps, kept, "cpu") == 2
+    assert visits and not any(m is encoder for modules in visits for m in modules)
+    assert len(comps.encoded_prompts) == 1
+
+    live = tmp_path / "live"
+    plain = replace(comps, text_encoder_quantize="none", encoded_prompts={})
+    dreambooth.generate_class_images(recipe, family, plain, live, "cpu")
+    assert any(m is encoder for m in visits[-1])  # the live path brings it
+    for index in range(2):
+        name = dreambooth.class_image_path(kept, index).name
+        a, b = Image.open(kept / name), Image.open(live / name)
+        assert np.array_equal(np.asarray(a), np.asarray(b))

@@ -305,6 +305,7 @@ def pre_encode(comps, pipe, device, calls: Iterable[Callable[[], object]]) -> in
                     call()
     finally:
         handle.remove()
+        del pipe.encode_prompt  # the pipeline's own method again
     return len(comps.encoded_prompts)
 
 
