@@ -304,3 +304,59 @@ def test_quickstart_recipe_trains(tmp_path, monkeypatch):
     result = run_training(loaded)
     assert (result.output_dir / lora.WEIGHT_NAME).is_file()
     assert (result.output_dir / lora.KOHYA_WEIGHT_NAME).is_file()
+
+
+def test_a_bfl_single_file_loads_like_the_folder(tmp_path):
+    """model.path=<ComfyUI/BFL-layout file> with model.config=<diffusers folder>: detected as
+    chroma, every transformer weight as in the folder, and the same images."""
+    from chroma_export import save_chroma_single_file
+
+    family, comps = load()
+    family.build_pipeline(comps).save_pretrained(tmp_path / "model")
+    file = save_chroma_single_file(comps.denoiser, tmp_path / "chroma.safetensors")
+    assert family_from_file(file) == "chroma"
+    spec = ModelSection(path=str(file), config=str(tmp_path / "model"))
+    loaded = families.for_model(spec).load(spec, torch.float32)
+    expected = comps.denoiser.state_dict()
+    got = loaded.denoiser.state_dict()
+    assert got.keys() == expected.keys()
+    assert all(torch.equal(got[k], expected[k]) for k in expected)
+    torch.testing.assert_close(
+        render(family.build_pipeline(loaded)), render(family.build_pipeline(comps)), rtol=0, atol=0
+    )
+
+
+def test_single_file_conversion_matches_diffusers_own_at_full_width():
+    """diffusers' converter reads only full-width Chroma files (it splits linear1 at 3072 and
+    12288): on a file of that width (one block each, narrow inputs) ours gives the same state."""
+    from chroma_export import chroma_to_bfl
+    from diffusers.loaders.single_file_utils import (
+        convert_chroma_transformer_checkpoint_to_diffusers,
+    )
+
+    from tuner.families.chroma_file import to_diffusers
+
+    config = {
+        "num_layers": 1,
+        "num_single_layers": 1,
+        "num_attention_heads": 24,
+        "attention_head_dim": 128,
+    }
+    generator = torch.Generator().manual_seed(0)
+    _, comps = load()
+    config["approximator_layers"] = comps.denoiser.config.approximator_layers
+    state = {}
+    for key, tensor in comps.denoiser.state_dict().items():
+        parts = key.split(".")
+        if parts[0] in ("transformer_blocks", "single_transformer_blocks") and parts[1] != "0":
+            continue
+        shape = list(tensor.shape)
+        single = parts[0] == "single_transformer_blocks"
+        if single and "proj_out" not in key and "norm" not in key:
+            shape[0] = 3072 * 4 if "proj_mlp" in key else 3072
+        state[key] = torch.randn(shape, generator=generator)
+    bfl = {f"model.diffusion_model.{k}": v for k, v in chroma_to_bfl(state, config).items()}
+    ours = to_diffusers(dict(bfl), config)
+    theirs = convert_chroma_transformer_checkpoint_to_diffusers(dict(bfl))
+    assert ours.keys() == theirs.keys() == state.keys()
+    assert all(torch.equal(ours[k], theirs[k]) for k in theirs)

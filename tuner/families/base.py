@@ -102,6 +102,9 @@ class FamilySpec:
     text_encoder_lora: bool = True  # whether the pipeline's loader reads text-encoder LoRA back
     objective: Literal["ddpm", "flow"] = "ddpm"
     quantize: bool = False  # whether `model.quantize` (bitsandbytes NF4/int8) applies
+    # whether model.text_encoder_quantize / text_encoder_offload apply: families with a T5 or
+    # LLM encoder, which is what does not fit beside the denoiser (CLIP-only families: no)
+    text_encoder_memory: bool = False
     # model-section options beyond the source this family applies (others are refused)
     model_options: tuple[str, ...] = ()
 
@@ -128,6 +131,10 @@ class Components:
     architecture: str = ""  # modelspec architecture of this exact model
     sequence_length: int | None = None  # text tokens per prompt, for T5-style encoders
     guidance: float | None = None  # the guidance value a guidance-distilled denoiser embeds
+    text_encoder_quantize: str = "none"  # how the encoders were loaded (model.text_encoder_*)
+    text_encoder_offload: bool = False
+    # sample prompts encoded in the caching phase: encode_prompt call -> its outputs (CPU)
+    encoded_prompts: dict = dataclasses.field(default_factory=dict)
 
     def frozen_modules(self) -> dict[str, nn.Module]:
         return {"vae": self.vae, **self.text_encoders}
@@ -218,10 +225,11 @@ class FamilyBase:
 
     def text_encoding_phase(self, comps: Components, device):
         """The context prompts are cached in: the text encoders on `device` (a family whose
-        encoders cannot sit there together overrides it and places them in encode_prompts)."""
-        from tuner.devices import on_device
+        encoders cannot sit there together overrides it and places them in encode_prompts);
+        streamed block by block when model.text_encoder_offload is set."""
+        from tuner.families.text_encoders import encoding_phase
 
-        return on_device(comps.text_encoders.values(), device)
+        return encoding_phase(comps, device)
 
     def encode_images(self, comps, pixels, generator=None) -> torch.Tensor:
         vae = comps.vae

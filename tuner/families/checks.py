@@ -26,6 +26,7 @@ def validate_common(spec: FamilySpec, recipe) -> None:
             f"model.quantize: {model.quantize} is supported for transformer families "
             f"(sd3, flux), not {spec.name}; set model.quantize=none"
         )
+    validate_text_encoder_memory(spec, recipe)
     if recipe.adapter.text_encoder and not spec.text_encoder_lora:
         raise TunerError(
             f"adapter.text_encoder: text-encoder LoRA is not supported for {spec.name} (its "
@@ -46,3 +47,41 @@ def validate_common(spec: FamilySpec, recipe) -> None:
                     f"train.{key}: applies to DDPM models only; {spec.name} is "
                     "flow-matching, use train.flow.loss_weighting (none|sigma_sqrt|cosmap)"
                 )
+
+
+def validate_text_encoder_memory(spec: FamilySpec, recipe) -> None:
+    """model.text_encoder_quantize / text_encoder_offload shrink the encoders of the caching
+    phase; they cannot apply where there is no large encoder, where the encoders train, or
+    (offload) where prompts are encoded every step."""
+    model, data = recipe.model, recipe.data
+    keys = [
+        key
+        for key, on in (
+            ("text_encoder_quantize", model.text_encoder_quantize != "none"),
+            ("text_encoder_offload", model.text_encoder_offload),
+        )
+        if on
+    ]
+    if not keys:
+        return
+    if not spec.text_encoder_memory:
+        raise TunerError(
+            f"model.{keys[0]}: applies to families with a T5 or LLM text encoder (sd3, flux, "
+            f"chroma, qwen-image, z-image); {spec.name}'s CLIP encoders are small, remove it"
+        )
+    if recipe.adapter.text_encoder:
+        raise TunerError(
+            f"model.{keys[0]}: the text encoders train (adapter.text_encoder: true), so they "
+            "must stay whole and in full precision; remove one of the two"
+        )
+    if len(keys) == 2:
+        raise TunerError(
+            "model.text_encoder_offload: not combined with text_encoder_quantize (a quantized "
+            "encoder fits the GPU whole for caching); choose one of the two"
+        )
+    if model.text_encoder_offload and not (data.cache and not data.shuffle_tags):
+        why = "data.shuffle_tags: true" if data.cache else "data.cache: false"
+        raise TunerError(
+            f"model.text_encoder_offload: prompts are encoded every step ({why}), so the "
+            "encoder would be streamed from the CPU every step; cache the prompts or remove it"
+        )

@@ -13,7 +13,7 @@ from diffusers import ChromaPipeline, ChromaTransformer2DModel
 from diffusers.models.transformers.transformer_chroma import ChromaSingleTransformerBlock
 
 from tuner.errors import TunerError
-from tuner.families import mmdit
+from tuner.families import chroma_file, mmdit
 from tuner.families.base import (
     Components,
     ExportNaming,
@@ -22,6 +22,7 @@ from tuner.families.base import (
     Recognition,
     replace,
 )
+from tuner.families.loading import model_identity, source_kind
 
 DEFAULT_SEQUENCE_LENGTH = 512  # ChromaPipeline's max_sequence_length default
 
@@ -55,6 +56,7 @@ class ChromaFamily(FamilyBase):
         objective="flow",
         text_encoder_lora=False,
         quantize=True,
+        text_encoder_memory=True,
     )
 
     def validate(self, recipe) -> None:
@@ -67,7 +69,12 @@ class ChromaFamily(FamilyBase):
             )
 
     def load(self, model, dtype: torch.dtype) -> Components:
-        comps = mmdit.load_mmdit(self, model, dtype, ChromaTransformer2DModel)
+        if source_kind(model.path) == "file":
+            pipe = chroma_file.load_pipeline(self, model, dtype)
+            identity = model_identity(self.spec.name, model)
+            comps = self.components_from_pipeline(pipe, identity, dtype)
+        else:
+            comps = mmdit.load_mmdit(self, model, dtype, ChromaTransformer2DModel)
         return replace(comps, sequence_length=DEFAULT_SEQUENCE_LENGTH)
 
     def configure(self, comps: Components, recipe) -> Components:

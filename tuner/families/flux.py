@@ -44,6 +44,7 @@ class FluxFamily(FamilyBase):
         objective="flow",
         text_encoder_lora=False,
         quantize=True,
+        text_encoder_memory=True,
     )
 
     def validate(self, recipe) -> None:

@@ -48,6 +48,8 @@ def model_identity(family_name: str, model) -> str:
     for extra in (model.vae_path,):
         if extra:
             parts.append(f"vae:{extra}")
+    if model.text_encoder_quantize != "none":  # a quantized encoder's prompts differ a little
+        parts.append(f"text-encoder:{model.text_encoder_quantize}")
     for source in (model.path, model.vae_path):
         local = Path(source).expanduser() if source else None
         if local is not None and local.exists():

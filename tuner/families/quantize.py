@@ -60,10 +60,15 @@ def require_quantizable(kind: str) -> None:
 def load_pipeline(family, model, dtype: torch.dtype, transformer_cls, leave_out=()):
     """The family's pipeline from any source, with `leave_out` components set to None and the
     transformer quantized when model.quantize asks for it."""
+    from tuner.families import text_encoders
+
     components = {name: None for name in leave_out}
+    components.update(text_encoders.quantized_components(model, dtype, skip=leave_out))
     kind = model.quantize
     if kind == "none":
-        return load_pipeline_modules(family, model, dtype, components)
+        pipe = load_pipeline_modules(family, model, dtype, components)
+        text_encoders.quantize_loaded(pipe, model, dtype)
+        return pipe
     require_quantizable(kind)
     if source_kind(model.path) == "builtin":
         # Built from config: quantize the built weights through the same diffusers loader.
@@ -73,6 +78,7 @@ def load_pipeline(family, model, dtype: torch.dtype, transformer_cls, leave_out=
         components["transformer"] = load_quantized(transformer_cls, model, kind, dtype)
         pipe = load_pipeline_modules(family, model, dtype, components)
     park(pipe.transformer, kind)
+    text_encoders.quantize_loaded(pipe, model, dtype)
     return pipe
 
 

@@ -16,7 +16,7 @@ import torch
 from diffusers import QwenImagePipeline, QwenImageTransformer2DModel
 
 from tuner.errors import TunerError
-from tuner.families import mmdit, quantize
+from tuner.families import mmdit, quantize, text_encoders
 from tuner.families.base import (
     UNET_ATTENTION,
     Components,
@@ -66,6 +66,7 @@ class QwenImageFamily(FamilyBase):
         objective="flow",
         text_encoder_lora=False,  # QwenImageLoraLoaderMixin loads transformer LoRA only
         quantize=True,
+        text_encoder_memory=True,
     )
 
     def validate(self, recipe) -> None:
@@ -222,8 +223,15 @@ def load_transformer_file(family, model, dtype: torch.dtype):
         config_path = model.config
         if Path(config_path).expanduser().is_dir():
             config_path = str(Path(config_path).expanduser())
+        encoders = text_encoders.quantized_components(
+            model.model_copy(update={"path": config_path}), dtype
+        )
         pipe = QwenImagePipeline.from_pretrained(
-            config_path, transformer=transformer, torch_dtype=dtype, revision=model.revision
+            config_path,
+            transformer=transformer,
+            torch_dtype=dtype,
+            revision=model.revision,
+            **encoders,
         )
     except (OSError, ValueError) as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]

@@ -44,6 +44,7 @@ class SD3Family(FamilyBase):
         objective="flow",
         text_encoder_lora=False,
         quantize=True,
+        text_encoder_memory=True,
         model_options=("drop_t5",),
     )
 

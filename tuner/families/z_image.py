@@ -37,7 +37,7 @@ from diffusers import ZImageTransformer2DModel
 
 from tuner.adapters import formats
 from tuner.errors import TunerError
-from tuner.families import mmdit, quantize
+from tuner.families import mmdit, quantize, text_encoders
 from tuner.families.base import (
     UNET_ATTENTION,
     Components,
@@ -127,6 +127,7 @@ class ZImageFamily(FamilyBase):
         objective="flow",
         text_encoder_lora=False,
         quantize=True,
+        text_encoder_memory=True,
     )
 
     def validate(self, recipe) -> None:
@@ -220,7 +221,9 @@ def load_single_file(family, model, dtype: torch.dtype) -> Components:
                 f"({first}); set model.config to a Z-Image diffusers folder or hub id"
             ) from None
     rest = model.model_copy(update={"path": config, "config": None})
-    pipe = load_pipeline_modules(family, rest, dtype, {"transformer": transformer})
+    encoders = text_encoders.quantized_components(rest, dtype)
+    pipe = load_pipeline_modules(family, rest, dtype, {"transformer": transformer, **encoders})
+    text_encoders.quantize_loaded(pipe, model, dtype)
     if kind != "none":
         quantize.park(pipe.transformer, kind)
     return family.components_from_pipeline(pipe, model_identity(family.spec.name, model), dtype)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import logging
 import math
 from pathlib import Path
 
@@ -10,11 +12,13 @@ from PIL import Image, ImageDraw, ImageFont
 from tuner import files
 from tuner.devices import on_device
 from tuner.errors import TunerError
+from tuner.families import text_encoders
 from tuner.inference.render import Cell, png_info, render_batch, set_scheduler
 
 AXES = ("prompt", "seed", "scale", "step", "adapter")
 MIN_CELL = 192  # cells are upscaled (nearest) to at least this, so labels fit and pixels show
 GAP = 4
+log = logging.getLogger("tuner")
 
 
 def check_axes(cells: list[Cell], rows: tuple[str, ...], cols: tuple[str, ...]) -> None:
@@ -166,48 +170,73 @@ GRID_BATCH = 4
 
 def training_grid(recipe, output_dir: Path, family, comps, step: int, accelerator) -> Path | None:
     """Grid of the recipe's fixed prompts x seeds (rows) x adapter scales (columns)."""
-    prompts = recipe.sample.prompts
-    if not prompts:
+    if not recipe.sample.prompts:
         return None
     device = accelerator.device
-    pipe = family.build_pipeline(comps)
-    pipe.set_progress_bar_config(disable=True)
-    set_scheduler(pipe, recipe.sample.scheduler)
-    size = recipe.data.resolution
-    sample = recipe.sample
-    cells = [
-        Cell(p, seed, scale, step)
-        for p in prompts
-        for seed in sample.seeds
-        for scale in sample.scales
-    ]
+    pipe, cells, calls = grid_calls(recipe, family, comps, step, device)
     was_training = comps.denoiser.training
     comps.denoiser.eval()
+    visiting = [comps.vae, *comps.text_encoders.values()]
+    if text_encoders.keep_off_device(comps):
+        # Quantized/offloaded encoders never join the denoiser on the device: the prompts
+        # were encoded in the caching phase (pre_encode_sample_prompts).
+        text_encoders.use_encoded_prompts(pipe, comps, device)
+        visiting = [comps.vae]
     # The encoders visit the device for this phase only (their outputs are cached).
-    with on_device([comps.vae, *comps.text_encoders.values()], device):
-        # Cells of one scale share pipeline calls (a few at a time, to bound memory); each keeps
-        # its own generator, so an image does not depend on its batch.
-        for scale in sample.scales:
-            same_scale = [cell for cell in cells if cell.scale == scale]
-            for start in range(0, len(same_scale), GRID_BATCH):
-                chunk = same_scale[start : start + GRID_BATCH]
-                images = render_batch(
-                    pipe,
-                    chunk,
-                    steps=sample.steps,
-                    guidance=sample.guidance,
-                    negative_prompt=sample.negative_prompt,
-                    width=sample.width or size,
-                    height=sample.height or size,
-                    device=device,
-                )
-                for cell, image in zip(chunk, images, strict=True):
-                    cell.image = image
+    with on_device(visiting, device):
+        for chunk, call in calls:
+            for cell, image in zip(chunk, call(), strict=True):
+                cell.image = image
     comps.denoiser.train(was_training)
     sheet, meta = make_grid(cells, ("prompt", "seed"), ("scale",))
     path = save_grid(sheet, meta, Path(output_dir) / "samples" / f"step-{step:06d}.png")
     _log_images(accelerator, sheet, step)
     return path
+
+
+def grid_calls(recipe, family, comps, step: int, device):
+    """The training grid's pipeline, its cells, and its calls: (cells, call rendering them).
+    Cells of one scale share pipeline calls (a few at a time, to bound memory); each keeps its
+    own generator, so an image does not depend on its batch."""
+    pipe = family.build_pipeline(comps)
+    pipe.set_progress_bar_config(disable=True)
+    sample = recipe.sample
+    set_scheduler(pipe, sample.scheduler)
+    size = recipe.data.resolution
+    cells = [
+        Cell(p, seed, scale, step)
+        for p in sample.prompts
+        for seed in sample.seeds
+        for scale in sample.scales
+    ]
+    calls = []
+    for scale in sample.scales:
+        same_scale = [cell for cell in cells if cell.scale == scale]
+        for start in range(0, len(same_scale), GRID_BATCH):
+            chunk = same_scale[start : start + GRID_BATCH]
+            call = functools.partial(
+                render_batch,
+                pipe,
+                chunk,
+                steps=sample.steps,
+                guidance=sample.guidance,
+                negative_prompt=sample.negative_prompt,
+                width=sample.width or size,
+                height=sample.height or size,
+                device=device,
+            )
+            calls.append((chunk, call))
+    return pipe, cells, calls
+
+
+def pre_encode_sample_prompts(recipe, family, comps, device) -> None:
+    """With quantized/offloaded encoders: encode every prompt the grids will ask for now, in
+    the caching phase, so no grid brings an encoder to the device beside the denoiser."""
+    if not recipe.sample.prompts or not text_encoders.keep_off_device(comps):
+        return
+    pipe, _, calls = grid_calls(recipe, family, comps, 0, device)
+    kept = text_encoders.pre_encode(comps, pipe, device, [call for _, call in calls])
+    log.info("sample prompts: %d encodings kept for the grids", kept)
 
 
 def _log_images(accelerator, sheet: Image.Image, step: int) -> None:

@@ -32,6 +32,10 @@ class ModelSection(Section):
     prediction_type: Literal["epsilon", "v_prediction"] | None = None
     quantize: Literal["none", "nf4", "int8"] = "none"
     drop_t5: bool = False  # sd3: leave T5-XXL out (zeros in its place), as diffusers allows
+    # The text encoders for the caching phase: bitsandbytes-quantized, and/or streamed from the
+    # CPU layer by layer (families/text_encoders.py).
+    text_encoder_quantize: Literal["none", "nf4", "int8"] = "none"
+    text_encoder_offload: bool = False
     allow_pickle: bool = False
 
     @field_validator("family")

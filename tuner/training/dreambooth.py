@@ -6,6 +6,7 @@ are paired with instance samples in each batch (see TrainDataset), weighted in t
 
 from __future__ import annotations
 
+import functools
 import logging
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from tuner.data.items import DataReport, _items_of
 from tuner.data.sources import list_records
 from tuner.devices import on_device
 from tuner.errors import TunerError
+from tuner.families import text_encoders
 from tuner.recipe import DatasetEntry
 
 log = logging.getLogger("tuner")
@@ -91,23 +93,33 @@ def generate_class_images(recipe, family, comps, folder: Path, device) -> int:
     folder.mkdir(parents=True, exist_ok=True)
     pipe = family.build_pipeline(comps)
     pipe.set_progress_bar_config(disable=True)
+    calls = class_calls(recipe, pipe, todo, device)
     # Every module on the device for this phase only: caching next puts just the encoders it
     # needs there (T5-XXL must not sit beside a Flux transformer).
-    with on_device(comps.modules().values(), device):
-        render_class_images(recipe, pipe, folder, todo, device)
+    visiting = list(comps.modules().values())
+    if text_encoders.keep_off_device(comps):
+        # Quantized/offloaded encoders never join the denoiser: the class prompt is encoded
+        # first with only them on the device, then the images render without them.
+        text_encoders.pre_encode(comps, pipe, device, [call for _, _, call in calls])
+        text_encoders.use_encoded_prompts(pipe, comps, device)
+        visiting = [comps.denoiser, comps.vae]
+    with on_device(visiting, device):
+        render_class_images(recipe, folder, calls, len(todo))
     return len(todo)
 
 
-def render_class_images(recipe, pipe, folder: Path, todo: list[int], device) -> None:
-    from tuner.inference.render import Cell, png_info, render_batch
+def class_calls(recipe, pipe, todo: list[int], device) -> list:
+    """(image indices, cells, the pipeline call rendering them) per class-generation batch."""
+    from tuner.inference.render import Cell, render_batch
 
     db = recipe.dreambooth
     size = recipe.data.resolution
-    bar = tqdm(total=len(todo), desc="generating class images", unit="img")
+    calls = []
     for start in range(0, len(todo), db.class_generation_batch):
         chunk = todo[start : start + db.class_generation_batch]
         cells = [Cell(db.class_prompt, recipe.train.seed * 100_003 + i) for i in chunk]
-        images = render_batch(
+        call = functools.partial(
+            render_batch,
             pipe,
             cells,
             steps=db.class_generation_steps,
@@ -116,6 +128,17 @@ def render_class_images(recipe, pipe, folder: Path, todo: list[int], device) -> 
             height=size,
             device=device,
         )
+        calls.append((chunk, cells, call))
+    return calls
+
+
+def render_class_images(recipe, folder: Path, calls: list, total: int) -> None:
+    from tuner.inference.render import png_info
+
+    db = recipe.dreambooth
+    bar = tqdm(total=total, desc="generating class images", unit="img")
+    for chunk, cells, call in calls:
+        images = call()
         for index, cell, image in zip(chunk, cells, images):
             path = class_image_path(folder, index)
             # The caption first: a class image on disk always has its caption.

@@ -24,6 +24,8 @@ from tuner.data.sampler import BucketBatchSampler
 from tuner.data.stream import batch_stream
 from tuner.devices import place
 from tuner.errors import TunerError
+from tuner.families import text_encoders
+from tuner.inference.grids import pre_encode_sample_prompts
 from tuner.recipe import Recipe
 from tuner.training import changes, checkpoint, dreambooth
 from tuner.training.loop import Run, run_steps, stop_text_encoder_training
@@ -95,6 +97,7 @@ def run_training(recipe: Recipe, *, count_flops: bool = False) -> TrainingResult
     dtype = DTYPES[recipe.train.mixed_precision]
     comps = family.load(recipe.model, dtype)
     comps = family.configure(comps, recipe)
+    comps = text_encoders.mark(comps, recipe.model)
     comps.denoiser.requires_grad_(False)
     for module in comps.frozen_modules().values():
         module.requires_grad_(False).eval()
@@ -113,6 +116,8 @@ def run_training(recipe: Recipe, *, count_flops: bool = False) -> TrainingResult
     plan = cache_plan(recipe, comps)
     with accelerator.main_process_first():
         stats = build_cache(items + class_items, recipe.data, plan, family, comps, device)
+    if accelerator.is_main_process:  # the grids' prompts, while the encoders may be there
+        pre_encode_sample_prompts(recipe, family, comps, device)
     if accelerator.is_main_process and (plan.latents or plan.texts):
         log.info(
             "cache: %d hit, %d made, %d skipped", stats["hit"], stats["made"], len(report.skipped)
