@@ -212,6 +212,11 @@ class FamilyBase:
     def configure(self, comps: Components, recipe: Recipe) -> Components:
         return comps
 
+    def default_targets(self, denoiser: nn.Module) -> tuple[str, ...]:
+        """LoRA targets when the recipe names none (a family whose defaults depend on the
+        model's depth lists them from the denoiser)."""
+        return self.spec.default_targets
+
     def encode_images(self, comps, pixels, generator=None) -> torch.Tensor:
         vae = comps.vae
         posterior = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
