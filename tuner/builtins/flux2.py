@@ -160,6 +160,8 @@ def tiny_vae() -> AutoencoderKLFlux2:
     generator = torch.Generator().manual_seed(3)
     vae.bn.running_mean.copy_(0.1 * torch.randn(32, generator=generator))
     vae.bn.running_var.copy_(0.5 + torch.rand(32, generator=generator))
+    with torch.no_grad():  # a random toy decoder barely varies its output: make it see latents
+        vae.decoder.conv_out.weight.mul_(8.0)
     return vae.eval()
 
 

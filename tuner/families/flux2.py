@@ -131,7 +131,7 @@ class Flux2Family(FamilyBase):
         return replace(comps, sequence_length=DEFAULT_SEQUENCE_LENGTH)
 
     def configure(self, comps: Components, recipe) -> Components:
-        if recipe.train.guidance is not None and not has_guidance(comps.denoiser):
+        if "guidance" in recipe.train.model_fields_set and not has_guidance(comps.denoiser):
             raise TunerError(
                 f"train.guidance: {recipe.model.path} has no guidance embedding (FLUX.2 "
                 "klein); remove it"
