@@ -161,7 +161,9 @@ def test_objective_shifts_as_the_pipelines_do(make_recipe):
     assert objective.mu(shape) == pytest.approx(compute_empirical_mu(64 * 48, 50))
     u = torch.tensor([0.1, 0.5, 0.9])
     mu = compute_empirical_mu(64 * 48, 50)
-    torch.testing.assert_close(objective.shift_sigmas(u, shape), comps.scheduler.time_shift(mu, 1.0, u))
+    torch.testing.assert_close(
+        objective.shift_sigmas(u, shape), comps.scheduler.time_shift(mu, 1.0, u)
+    )
 
 
 def bfl_names(config) -> set[str]:
@@ -211,8 +213,12 @@ def test_every_comfy_name_is_one_comfyui_maps():
     state = {}
     for name in linears:
         layer = transformer.get_submodule(name)
-        state[f"transformer.{name}.lora_A.weight"] = torch.randn(4, layer.in_features, generator=generator)
-        state[f"transformer.{name}.lora_B.weight"] = torch.randn(layer.out_features, 4, generator=generator)
+        state[f"transformer.{name}.lora_A.weight"] = torch.randn(
+            4, layer.in_features, generator=generator
+        )
+        state[f"transformer.{name}.lora_B.weight"] = torch.randn(
+            layer.out_features, 4, generator=generator
+        )
     metadata = {"lora_adapter_metadata": '{"transformer.r": 4, "transformer.lora_alpha": 2}'}
     comfy = comfy_lora(state, metadata)
     modules = {re.sub(r"\.(lora_down\.weight|lora_up\.weight|alpha)$", "", k) for k in comfy}
@@ -221,7 +227,8 @@ def test_every_comfy_name_is_one_comfyui_maps():
     stem = "lora_unet_double_blocks_0_img_attn_qkv"
     product = comfy[f"{stem}.lora_up.weight"] @ comfy[f"{stem}.lora_down.weight"]
     parts = [
-        0.5 * state[f"transformer.transformer_blocks.0.attn.{p}.lora_B.weight"]
+        0.5
+        * state[f"transformer.transformer_blocks.0.attn.{p}.lora_B.weight"]
         @ state[f"transformer.transformer_blocks.0.attn.{p}.lora_A.weight"]
         for p in ("to_q", "to_k", "to_v")
     ]
@@ -422,3 +429,28 @@ def test_pipeline_takes_the_prompt_first():
     assert isinstance(pipe, DiffusersFlux2Pipeline)
     assert pipeline_default(pipe, "guidance_scale") == 4.0
     torch.testing.assert_close(render(pipe), render(pipe, prompt=[PROMPT]))
+
+
+def test_dev_class_images_that_cannot_fit_are_refused_before_loading(make_recipe, monkeypatch):
+    """On a 24 GiB card FLUX.2-dev cannot render DreamBooth class images: validate (recipe
+    only, before any download) says so; klein, or class images already rendered, pass."""
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    card = SimpleNamespace(total_memory=24 * 2**30)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: card)
+    family = families.get("flux2")
+    dreambooth = (
+        "model.family=flux2",
+        "model.quantize=nf4",
+        f"dreambooth.instance_dir={REPO / 'datasets' / 'toy-subject'}",
+        "dreambooth.instance_prompt=a sks dog",
+        "dreambooth.class_prompt=a dog",
+        "dreambooth.with_prior_preservation=true",
+    )
+    dev = make_recipe(*FAST, *dreambooth, base="black-forest-labs/FLUX.2-dev")
+    with pytest.raises(TunerError, match="class images with FLUX.2-dev needs ~63 GiB"):
+        family.validate(dev)
+    family.validate(make_recipe(*FAST, *dreambooth, base="black-forest-labs/FLUX.2-klein-9B"))
+    card.total_memory = 80 * 2**30
+    family.validate(dev)

@@ -113,6 +113,7 @@ class Flux2Family(FamilyBase):
         super().validate(recipe)
         mmdit.validate_sequence_length(recipe)
         refuse_unmappable_targets(recipe.adapter)
+        refuse_class_generation_that_cannot_fit(recipe)
         if "guidance" in recipe.train.model_fields_set and is_klein_name(recipe.model.path):
             raise TunerError(
                 "train.guidance: FLUX.2 klein has no guidance embedding (the base model "
@@ -234,6 +235,37 @@ class Flux2Objective(FlowMatchObjective):
 
     def mu(self, latent_shape) -> float:
         return compute_empirical_mu(self.image_seq_len(latent_shape), SHIFT_STEPS)
+
+
+# Class images are rendered with the transformer and the text encoder on the GPU together.
+# GiB of weights (1 GiB = 2^30 bytes): dev's 32.2B transformer per model.quantize, Mistral Small
+# 3.1 (24.0B) in bf16, plus ~3 GiB for the VAE, activations and the CUDA context.
+DEV_TRANSFORMER_GIB = {"none": 60.0, "int8": 30.0, "nf4": 15.5}
+MISTRAL_GIB = 44.7
+
+
+def refuse_class_generation_that_cannot_fit(recipe) -> None:
+    """FLUX.2 dev renders DreamBooth class images with 32B + 24B parameters on one GPU: on a
+    card too small for that, say so before anything is downloaded (pre-rendered class images
+    in dreambooth.class_dir need no rendering)."""
+    db = recipe.dreambooth
+    path = recipe.model.path.lower()
+    if db is None or not db.with_prior_preservation or is_klein_name(path) or "dev" not in path:
+        return
+    if db.class_dir and len(list(Path(db.class_dir).expanduser().glob("class-*.png"))) >= (
+        db.num_class_images
+    ):
+        return
+    if not torch.cuda.is_available():
+        return
+    needed = DEV_TRANSFORMER_GIB[recipe.model.quantize] + MISTRAL_GIB + 3.0
+    have = torch.cuda.get_device_properties(0).total_memory / 2**30
+    if have < needed:
+        raise TunerError(
+            f"dreambooth: rendering class images with FLUX.2-dev needs ~{needed:.0f} GiB on the "
+            f"GPU (transformer + Mistral 24B in bf16), this one has {have:.0f}; render them on "
+            "a larger card and set dreambooth.class_dir, or with_prior_preservation=false"
+        )
 
 
 # --- variants -------------------------------------------------------------------------------
