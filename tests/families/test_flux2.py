@@ -454,3 +454,78 @@ def test_dev_class_images_that_cannot_fit_are_refused_before_loading(make_recipe
     family.validate(make_recipe(*FAST, *dreambooth, base="black-forest-labs/FLUX.2-klein-9B"))
     card.total_memory = 80 * 2**30
     family.validate(dev)
+
+
+def bfl_checkpoint(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A diffusers Flux.2 transformer state dict in BFL's single-file names (fused qkv, `.scale`
+    norms, (shift, scale) order of the final modulation): what flux2-dev.safetensors holds."""
+    renames = {
+        "x_embedder.": "img_in.",
+        "context_embedder.": "txt_in.",
+        "time_guidance_embed.timestep_embedder.linear_1.": "time_in.in_layer.",
+        "time_guidance_embed.timestep_embedder.linear_2.": "time_in.out_layer.",
+        "time_guidance_embed.guidance_embedder.linear_1.": "guidance_in.in_layer.",
+        "time_guidance_embed.guidance_embedder.linear_2.": "guidance_in.out_layer.",
+        "_modulation_img.linear.": "_modulation_img.lin.",
+        "_modulation_txt.linear.": "_modulation_txt.lin.",
+        "single_stream_modulation.linear.": "single_stream_modulation.lin.",
+        "proj_out.": "final_layer.linear.",
+        "attn.to_out.0.": "img_attn.proj.",
+        "attn.to_add_out.": "txt_attn.proj.",
+        "ff.linear_in.": "img_mlp.0.",
+        "ff.linear_out.": "img_mlp.2.",
+        "ff_context.linear_in.": "txt_mlp.0.",
+        "ff_context.linear_out.": "txt_mlp.2.",
+        "attn.to_qkv_mlp_proj.": "linear1.",
+        "single_transformer_blocks.": "single_blocks.",
+        "transformer_blocks.": "double_blocks.",
+    }
+    norms = {
+        "attn.norm_q.weight": "img_attn.norm.query_norm.scale",
+        "attn.norm_k.weight": "img_attn.norm.key_norm.scale",
+        "attn.norm_added_q.weight": "txt_attn.norm.query_norm.scale",
+        "attn.norm_added_k.weight": "txt_attn.norm.key_norm.scale",
+    }
+    out = {}
+    for key, value in state.items():
+        if key.startswith("norm_out.linear."):
+            shift_scale = torch.cat(value.chunk(2)[::-1])  # diffusers keeps (scale, shift)
+            out[key.replace("norm_out.linear.", "final_layer.adaLN_modulation.1.")] = shift_scale
+            continue
+        if re.search(r"attn\.(to_[kv]|add_[kv]_proj)\.", key):
+            continue
+        if ".attn.to_q." in key or ".attn.add_q_proj." in key:
+            parts = [state[key.replace("_q", f"_{p}")] for p in "qkv"]
+            stream = "img_attn" if ".to_q." in key else "txt_attn"
+            key = re.sub(r"attn\.(to_q|add_q_proj)\.", f"{stream}.qkv.", key)
+            value = torch.cat(parts)
+        if key.startswith("single_transformer_blocks."):
+            key = key.replace("attn.norm_q.weight", "norm.query_norm.scale")
+            key = key.replace("attn.norm_k.weight", "norm.key_norm.scale")
+            key = key.replace("attn.to_out.", "linear2.")
+        for old, new in norms.items():
+            key = key.replace(old, new)
+        for old, new in renames.items():
+            key = key.replace(old, new)
+        out[key] = value.clone()
+    return out
+
+
+def test_loads_a_bfl_single_file_transformer(tmp_path):
+    """flux2-dev.safetensors-style files: detected, converted by diffusers' from_single_file,
+    the rest of the pipeline from model.config: the same weights and images as the builtin."""
+    family, comps = load(DEV)
+    family.build_pipeline(comps).save_pretrained(tmp_path / "model")
+    file = tmp_path / "flux2-dev.safetensors"
+    save_file(bfl_checkpoint(comps.denoiser.state_dict()), file)
+    spec = ModelSection(path=str(file), config=str(tmp_path / "model"))
+    assert families.for_model(spec).spec.name == "flux2"
+    loaded = family.load(spec, torch.float32)
+    assert loaded.architecture == "flux-2-dev"
+    expected = comps.denoiser.state_dict()
+    for key, value in loaded.denoiser.state_dict().items():
+        assert torch.equal(value, expected[key]), key
+    loaded.sequence_length = 16
+    torch.testing.assert_close(
+        render(family.build_pipeline(loaded)), render(family.build_pipeline(comps))
+    )
