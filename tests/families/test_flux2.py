@@ -247,7 +247,6 @@ def test_every_comfy_name_is_one_comfyui_maps():
             comfy_lora({**bad, **{k.replace("lora_A", "lora_B"): v for k, v in bad.items()}}, {})
 
 
-@pytest.mark.slow
 def test_the_pipelines_own_loader_reads_both_files(make_recipe):
     """Flux2Pipeline.load_lora_weights on the trained files: every targeted layer gets its
     weights (nothing missing, nothing unexpected), the image changes, scale 0 is the base,
@@ -355,6 +354,7 @@ def test_refusals_and_the_distilled_warning(make_recipe, caplog):
             family.validate(make_recipe(*FAST, override, *extra, base=DEV))
 
 
+@pytest.mark.slow
 def test_arch_builders_have_the_released_sizes():
     """On the meta device: dev 32.2B + Mistral Small 3.1 24.0B; klein 3.9B + Qwen3-4B 4.0B and
     9.1B + Qwen3-8B 8.2B; the 32-channel VAE 84M."""
