@@ -21,7 +21,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from tuner import families
-from tuner.adapters import lora
+from tuner.adapters import formats, lora
 from tuner.builtins.flux2 import build_arch_flux2, build_tiny_flux2_dev, flux2_transformer_config
 from tuner.errors import TunerError
 from tuner.families.detection import family_from_file
@@ -264,6 +264,9 @@ def test_the_pipelines_own_loader_reads_both_files(make_recipe):
         ups = [k for k in state if ".lora_B.a." in k]
         # to_q, to_k, to_v, to_out.0 (1 double block), to_qkv_mlp_proj and to_out (1 single)
         assert len(ups) == len(targets) == 6, name
+        if name == lora.WEIGHT_NAME:  # every module of the file is one layer: none unexpected
+            saved, _ = formats.read_adapter(result.output_dir / name)
+            assert sum(k.endswith("lora_A.weight") for k in saved) == len(ups)
         assert all(state[k].abs().max() > 0 for k in ups), name
         images[name] = render(pipe)
         pipe.set_adapters(["a"], adapter_weights=[0.0])
