@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 __version__ = "0.1.0"
-__all__ = ["load_recipe", "train", "load_pipeline", "TunerError"]
+__all__ = ["load_recipe", "train", "load_pipeline", "load_adapter", "TunerError"]
 
 from tuner.errors import TunerError
 from tuner.recipe import load_recipe
@@ -29,3 +29,27 @@ def load_pipeline(model_path: str, family: str | None = None, dtype=None):
     fam = families.for_model(model)
     comps = fam.load(model, dtype or torch.float32)
     return fam.build_pipeline(comps)
+
+
+def load_adapter(pipe, path, scale: float = 1.0, adapter_name: str = "adapter0") -> None:
+    """Add a trained adapter (output dir or .safetensors: LoRA, LoHa or LoKr, either layout)
+    to a diffusers pipeline at `scale`, the way `tuner sample` loads it. LoHa/LoKr go through
+    peft directly: diffusers' load_lora_weights does not read them for these pipelines."""
+    from pathlib import Path
+
+    from tuner import families
+    from tuner.inference.pipelines import (
+        AdapterChoice,
+        LoraSpec,
+        activate,
+        adapter_file,
+        load_adapters,
+    )
+
+    found = [f for f in families.names() if families.get(f).spec.pipeline == type(pipe).__name__]
+    if not found:
+        raise TunerError(f"no tuner family uses {type(pipe).__name__}")
+    family = families.get(found[0])
+    spec = LoraSpec(adapter_file(path), scale, adapter_name, Path(path).name)
+    load_adapters(pipe, family, [spec])
+    activate(pipe, AdapterChoice(spec.label, [spec]))

@@ -73,8 +73,9 @@ def adapter_format(state: dict[str, torch.Tensor]) -> str:
         "",
     )
     raise TunerError(
-        f"not a plain LoRA in diffusers or kohya layout (key {odd!r}); DoRA, LoHa "
-        "and LoKr files are loaded by diffusers directly but not converted here"
+        f"not a plain LoRA in diffusers or kohya layout (key {odd!r}); DoRA files are "
+        "loaded by diffusers directly but not converted here, and LoHa/LoKr runs already "
+        "wrote both layouts (PEFT and LyCORIS)"
     )
 
 

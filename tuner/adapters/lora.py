@@ -18,9 +18,15 @@ from tuner.errors import TunerError
 
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 KOHYA_WEIGHT_NAME = "pytorch_lora_weights_kohya.safetensors"
+ADAPTER_MARKERS = ("lora_", "hada_", "lokr_")  # adapter parameter names (LoRA, LoHa, LoKr)
 
 
-def lora_config(adapter, targets) -> LoraConfig:
+def lora_config(adapter, targets):
+    """The peft config of adapter.type: LoraConfig, or LoHaConfig / LoKrConfig."""
+    if adapter.type != "lora":
+        from tuner.adapters.lycoris import peft_config
+
+        return peft_config(adapter, targets)
     return LoraConfig(
         r=adapter.rank,
         lora_alpha=adapter.lora_alpha,
@@ -85,7 +91,8 @@ def inject(comps, adapter, family) -> dict[str, torch.nn.Module]:
     their pipeline component name. LoRA weights are fp32 whatever the base dtype."""
     trained = {}
     targets = denoiser_targets(adapter, family, comps.denoiser)
-    check_rank(adapter.rank, comps.denoiser, targets)
+    if adapter.type != "lokr":  # a LoKr rank above the factors' widths means full factors
+        check_rank(adapter.rank, comps.denoiser, targets)
     comps.denoiser.add_adapter(lora_config(adapter, targets))
     trained[family.spec.denoiser] = comps.denoiser
     if adapter.text_encoder:
@@ -98,10 +105,10 @@ def inject(comps, adapter, family) -> dict[str, torch.nn.Module]:
                 adapter_name="default",
             )
             trained[name] = encoder
-    # Base weights stay frozen in the compute dtype; only LoRA params train, in fp32.
+    # Base weights stay frozen in the compute dtype; only adapter params train, in fp32.
     for module in trained.values():
         for pname, param in module.named_parameters():
-            param.requires_grad_("lora_" in pname)
+            param.requires_grad_(any(marker in pname for marker in ADAPTER_MARKERS))
     cast_training_params(list(trained.values()), dtype=torch.float32)
     return trained
 
@@ -125,6 +132,12 @@ def float_cpu(states: dict[str, dict[str, torch.Tensor]]) -> dict[str, dict[str,
 def adapter_metadata(trained: dict[str, torch.nn.Module]) -> dict[str, dict]:
     # Saved inside the file so that load_lora_weights rebuilds the same rank and alpha.
     return {name: module.peft_config["default"].to_dict() for name, module in trained.items()}
+
+
+def adapter_kind(trained: dict[str, torch.nn.Module]) -> str:
+    """'lora', 'loha' or 'lokr': what the trained modules hold."""
+    config = next(iter(trained.values())).peft_config["default"]
+    return {"LOHA": "loha", "LOKR": "lokr"}.get(str(config.peft_type.value), "lora")
 
 
 def write_diffusers_file(
@@ -156,12 +169,27 @@ def kohya_state(trained: dict[str, torch.nn.Module], family) -> dict[str, torch.
     from a diffusers file that may hold alpha folded into its weights)."""
     from tuner.adapters.formats import kohya_layers
 
+    if adapter_kind(trained) != "lora":
+        from tuner.adapters import lycoris
+
+        states = float_cpu({n: peft_state(m) for n, m in trained.items()})
+        configs = {n: lycoris.json_config(m.peft_config["default"]) for n, m in trained.items()}
+        return lycoris.to_lycoris(states, configs, family.spec.export.kohya_prefixes)
     flat = {
         f"{name}.{key}": tensor
         for name, sd in float_cpu({n: peft_state(m) for n, m in trained.items()}).items()
         for key, tensor in sd.items()
     }
     return kohya_layers(flat, adapter_metadata(trained), family.spec.export.kohya_prefixes)
+
+
+def write_peft_file(path: Path, trained, states) -> None:
+    """LoHa/LoKr in PEFT layout (no diffusers pipeline writer knows these kinds)."""
+    from tuner.adapters import lycoris
+
+    configs = {n: lycoris.json_config(m.peft_config["default"]) for n, m in trained.items()}
+    metadata = {**lycoris.config_metadata(configs), "format": "pt"}
+    files.save_safetensors(lycoris.peft_file_tensors(states), path, metadata)
 
 
 def save_adapter(
@@ -174,7 +202,12 @@ def save_adapter(
     def write(tmp: Path) -> None:
         staging = Path(tempfile.mkdtemp(prefix=".saving-", dir=directory))
         try:
-            write_diffusers_file(staging, family, states, adapter_metadata(trained), weight_name)
+            if adapter_kind(trained) == "lora":
+                write_diffusers_file(
+                    staging, family, states, adapter_metadata(trained), weight_name
+                )
+            else:
+                write_peft_file(staging / weight_name, trained, states)
             if extra_metadata:  # before publishing: the final file never lacks its metadata
                 from tuner.adapters.formats import add_metadata
 

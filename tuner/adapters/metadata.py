@@ -62,4 +62,11 @@ def training_metadata(recipe, comps, steps: int, tag_counts: dict[str, int]) -> 
     }
     if prediction:
         meta["modelspec.prediction_type"] = prediction
+    meta["tuner_adapter_type"] = adapter.type
+    if adapter.type != "lora":
+        from tuner.adapters.lycoris import network_args
+
+        # What LyCORIS' kohya network writes; webui front ends show and sort by these.
+        meta["ss_network_module"] = "lycoris.kohya"
+        meta["ss_network_args"] = json.dumps(network_args(adapter))
     return meta

@@ -62,6 +62,8 @@ TABLE: dict[str, Builtin] = {
     "arch-flux2-klein-9b": Builtin(
         "flux2", lazy("tuner.builtins.flux2", "build_arch_flux2", "klein-9b")
     ),
+    "tiny-hidream": Builtin("hidream", lazy("tuner.builtins.hidream", "build_tiny_hidream")),
+    "arch-hidream": Builtin("hidream", lazy("tuner.builtins.hidream", "build_arch_hidream")),
 }
 
 

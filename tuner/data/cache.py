@@ -217,7 +217,7 @@ def _cache_texts(captions, plan, family, comps, device, batch_size, stats) -> No
     stats["hit"] += len(captions) - len(todo)
     if not todo:
         return
-    with on_device(comps.text_encoders.values(), device):
+    with family.text_encoding_phase(comps, device):
         for start in tqdm(range(0, len(todo), batch_size), desc="caching prompts", unit="batch"):
             chunk = todo[start : start + batch_size]
             encoded = family.encode_prompts(comps, chunk)

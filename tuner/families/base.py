@@ -152,6 +152,10 @@ class Family(Protocol):
         """Settings that depend on the loaded weights (e.g. sizes the VAE allows, the text
         sequence length). Returns new Components; the family object is never changed."""
 
+    def text_encoding_phase(self, comps: Components, device):
+        """The context the cache encodes prompts in (FamilyBase: every text encoder on device;
+        hidream: none moved, encode_prompts places one encoder at a time)."""
+
     def encode_prompts(self, comps: Components, prompts: list[str]) -> dict[str, torch.Tensor]:
         """Per-prompt conditioning tensors (batch first): what the cache stores."""
 
@@ -216,6 +220,13 @@ class FamilyBase:
         """LoRA targets when the recipe names none (a family whose defaults depend on the
         model's depth lists them from the denoiser)."""
         return self.spec.default_targets
+
+    def text_encoding_phase(self, comps: Components, device):
+        """The context prompts are cached in: the text encoders on `device` (a family whose
+        encoders cannot sit there together overrides it and places them in encode_prompts)."""
+        from tuner.devices import on_device
+
+        return on_device(comps.text_encoders.values(), device)
 
     def encode_images(self, comps, pixels, generator=None) -> torch.Tensor:
         vae = comps.vae

@@ -14,7 +14,10 @@ DDPM_ONLY = ("min_snr_gamma",)
 
 
 def validate_common(spec: FamilySpec, recipe) -> None:
+    from tuner.adapters.lycoris import check_options
+
     model, train = recipe.model, recipe.train
+    check_options(recipe.adapter, spec)
     for key, off in MODEL_OPTIONS.items():
         if key not in spec.model_options and getattr(model, key) != off:
             raise TunerError(f"model.{key}: does not apply to {spec.name} models; remove it")

@@ -94,6 +94,7 @@ def load_base(model_path: str, family_name: str | None = None, dtype=torch.float
 def load_adapters(pipe, family, specs: list[LoraSpec]) -> None:
     """Each file through diffusers' own loader, under its own name; every LoRA module in the
     file must land on a layer (a silently dropped key is the classic 'lora key not loaded')."""
+    from tuner.adapters import lycoris
     from tuner.adapters.formats import DOWN_KINDS, adapter_format, read_adapter
 
     loaded_names = {name for names in pipe.get_list_adapters().values() for name in names}
@@ -101,7 +102,12 @@ def load_adapters(pipe, family, specs: list[LoraSpec]) -> None:
         if spec.name in loaded_names:
             continue  # the same adapter in several grid columns, at other weights
         loaded_names.add(spec.name)
-        state, _ = read_adapter(spec.path)
+        state, metadata = read_adapter(spec.path)
+        if lycoris.state_kind(state):
+            # diffusers' pipeline loaders read no LoHa (and LoKr for a few pipelines only):
+            # peft loads it onto the models, and checks every tensor lands on a layer.
+            lycoris.load_into(pipe, family, state, metadata, spec.name)
+            continue
         kind = adapter_format(state)
         with tempfile.TemporaryDirectory(prefix="tuner-lora-") as tmp:
             file = spec.path

@@ -58,11 +58,12 @@ def set_scheduler(pipe, name: str) -> None:
 def lora_scale(modules, scale: float):
     """Temporarily multiply every LoRA layer's scaling (0 = the base model)."""
     from peft.tuners.lora import LoraLayer
+    from peft.tuners.lycoris_utils import LycorisLayer
 
     saved = []
     for module in modules:
         for layer in module.modules():
-            if isinstance(layer, LoraLayer):
+            if isinstance(layer, (LoraLayer, LycorisLayer)):
                 for name, value in layer.scaling.items():
                     saved.append((layer, name, value))
                     layer.scaling[name] = value * scale

@@ -45,9 +45,17 @@ class ModelSection(Section):
 
 
 class AdapterSection(Section):
+    type: Literal["lora", "loha", "lokr"] = "lora"
     rank: int = Field(16, ge=1)
     alpha: float | None = Field(None, gt=0)
     dropout: float = Field(0.0, ge=0, lt=1)
+    # LoHa / LoKr only (peft's LoHaConfig / LoKrConfig); tuner.adapters.lycoris refuses them
+    # with lora, and the LoRA-only keys above with loha / lokr.
+    rank_dropout: float = Field(0.0, ge=0, lt=1)
+    module_dropout: float = Field(0.0, ge=0, lt=1)
+    effective_conv: bool = False  # peft use_effective_conv2d (LyCORIS use_tucker)
+    decompose_both: bool = False  # lokr only
+    decompose_factor: int = Field(-1, ge=-1)  # lokr only; -1: near-square factors
     init: Literal["default", "gaussian", "pissa", "olora"] = "default"
     dora: bool = False
     targets: list[str] | None = None

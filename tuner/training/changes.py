@@ -20,6 +20,7 @@ IDENTITY = (
     "model.path",
     "model.family",
     "model.revision",
+    "adapter.type",
     "adapter.rank",
     "adapter.alpha",
     "adapter.init",
@@ -27,6 +28,9 @@ IDENTITY = (
     "adapter.targets",
     "adapter.target_regex",
     "adapter.text_encoder",
+    "adapter.effective_conv",
+    "adapter.decompose_both",
+    "adapter.decompose_factor",
     "train.optimizer",
 )
 # Where the run is and how it was started, not what it trains.

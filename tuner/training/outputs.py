@@ -175,7 +175,13 @@ def write_outputs(
         else:
             # From the trained modules: the trained alpha, whatever the diffusers file folded in.
             kohya = lora.kohya_state(trained, family)
-        formats.write_safetensors(kohya, output_dir / lora.KOHYA_WEIGHT_NAME, meta)
+        extra = {}
+        if recipe.adapter.type != "lora":  # the LyCORIS file: tuner sample rebuilds peft from it
+            from tuner.adapters import lycoris
+
+            configs = {n: lycoris.json_config(m.peft_config["default"]) for n, m in trained.items()}
+            extra = lycoris.config_metadata(configs, lycoris.CONFIG_KEY)
+        formats.write_safetensors(kohya, output_dir / lora.KOHYA_WEIGHT_NAME, {**meta, **extra})
     if "diffusers" not in recipe.output.formats:
         adapter_file.unlink()
     grid = training_grid(recipe, output_dir, family, comps, steps, accelerator)
@@ -204,7 +210,7 @@ def model_card(recipe, family, steps: int, grid: Path | None) -> str:
     a, t = recipe.adapter, recipe.train
     return f"""# {recipe.output.name or Path(recipe.output.dir).name}
 
-A LoRA adapter for `{recipe.model.path}` ({family.spec.name}), trained with tuner.
+A {KIND_NAMES[a.type]} adapter for `{recipe.model.path}` ({family.spec.name}), trained with tuner.
 
 - Trigger words: {", ".join(f"`{w}`" for w in triggers) or "none"}
 - Rank {a.rank}, alpha {a.lora_alpha}{", DoRA" if a.dora else ""}; {steps} steps at lr {t.lr}
@@ -218,17 +224,36 @@ A LoRA adapter for `{recipe.model.path}` ({family.spec.name}), trained with tune
 
 ## Use it
 
-diffusers:
-
-```python
-{load_snippet(recipe, family)}
-pipe.load_lora_weights("{recipe.output.dir}")
-```
+{diffusers_lines(recipe, family)}
 
 tuner: `tuner sample {recipe.model.path} --lora {recipe.output.dir}:0.8 --prompt "..." --out DIR`
 
 {comfy_lines(recipe, family)}
 """
+
+
+KIND_NAMES = {"lora": "LoRA", "loha": "LoHa", "lokr": "LoKr"}
+
+
+def diffusers_lines(recipe, family) -> str:
+    if recipe.adapter.type == "lora":
+        return f"""diffusers:
+
+```python
+{load_snippet(recipe, family)}
+pipe.load_lora_weights("{recipe.output.dir}")
+```"""
+    # diffusers' pipeline loaders read no LoHa, and LoKr for a few pipelines only.
+    snippet = load_snippet(recipe, family)
+    if not snippet.startswith("import tuner"):
+        snippet = "import tuner\n" + snippet
+    return f"""diffusers (its `load_lora_weights` does not read {KIND_NAMES[recipe.adapter.type]}
+here; tuner adds it through peft):
+
+```python
+{snippet}
+tuner.load_adapter(pipe, "{recipe.output.dir}", scale=1.0)
+```"""
 
 
 def comfy_lines(recipe, family) -> str:

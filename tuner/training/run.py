@@ -98,12 +98,14 @@ def run_training(recipe: Recipe, *, count_flops: bool = False) -> TrainingResult
     comps.denoiser.requires_grad_(False)
     for module in comps.frozen_modules().values():
         module.requires_grad_(False).eval()
-    # A rank no targeted layer can use fails now, not after the cache is built.
-    lora.check_rank(
-        recipe.adapter.rank,
-        comps.denoiser,
-        lora.denoiser_targets(recipe.adapter, family, comps.denoiser),
-    )
+    # A rank no targeted layer can use fails now, not after the cache is built (a LoKr rank
+    # above the factors' widths is legal: it means full Kronecker factors).
+    if recipe.adapter.type != "lokr":
+        lora.check_rank(
+            recipe.adapter.rank,
+            comps.denoiser,
+            lora.denoiser_targets(recipe.adapter, family, comps.denoiser),
+        )
     device = accelerator.device
     if accelerator.is_main_process:
         warn_long_captions(report.captions, comps.tokenizers)
