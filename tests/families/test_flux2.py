@@ -351,6 +351,7 @@ def test_refusals_and_the_distilled_warning(make_recipe, caplog):
         ("adapter.targets=[to_q, to_k, to_v, single_stream_modulation.linear]", "modulation"),
         ("train.max_sequence_length=1024", "train.max_sequence_length"),
         ("adapter.text_encoder=true", "adapter.text_encoder"),
+        ("adapter.type=loha", "adapter.type"),
     ]:
         extra = ("model.family=flux2", "train.guidance=3.5") if "klein-9B" in override else ()
         with pytest.raises(TunerError, match=message):

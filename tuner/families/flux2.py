@@ -114,6 +114,12 @@ class Flux2Family(FamilyBase):
         mmdit.validate_sequence_length(recipe)
         refuse_unmappable_targets(recipe.adapter)
         refuse_class_generation_that_cannot_fit(recipe)
+        kind = getattr(recipe.adapter, "type", "lora")
+        if kind != "lora" and "kohya" in recipe.output.formats:
+            raise TunerError(
+                f"adapter.type: {kind} has no ComfyUI FLUX.2 file in tuner yet (its BFL layout "
+                "is written for LoRA); set output.formats=[diffusers] or adapter.type=lora"
+            )
         if "guidance" in recipe.train.model_fields_set and is_klein_name(recipe.model.path):
             raise TunerError(
                 "train.guidance: FLUX.2 klein has no guidance embedding (the base model "
