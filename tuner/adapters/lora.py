@@ -54,7 +54,7 @@ def denoiser_targets(adapter, family, denoiser) -> list[str] | str:
                 "of the denoiser; it must match full module names"
             )
         return adapter.target_regex
-    targets = list(adapter.targets or family.spec.default_targets)
+    targets = list(adapter.targets or family.default_targets(denoiser))
     names = [name for name, _ in denoiser.named_modules()]
     for target in targets:
         if not any(name == target or name.endswith("." + target) for name in names):

@@ -53,6 +53,15 @@ TABLE: dict[str, Builtin] = {
     ),
     "tiny-z-image": Builtin("z-image", lazy("tuner.builtins.z_image", "build_tiny_z_image")),
     "arch-z-image": Builtin("z-image", lazy("tuner.builtins.z_image", "build_arch_z_image")),
+    "tiny-flux2-dev": Builtin("flux2", lazy("tuner.builtins.flux2", "build_tiny_flux2_dev")),
+    "tiny-flux2-klein": Builtin("flux2", lazy("tuner.builtins.flux2", "build_tiny_flux2_klein")),
+    "arch-flux2-dev": Builtin("flux2", lazy("tuner.builtins.flux2", "build_arch_flux2", "dev")),
+    "arch-flux2-klein-4b": Builtin(
+        "flux2", lazy("tuner.builtins.flux2", "build_arch_flux2", "klein-4b")
+    ),
+    "arch-flux2-klein-9b": Builtin(
+        "flux2", lazy("tuner.builtins.flux2", "build_arch_flux2", "klein-9b")
+    ),
     "tiny-hidream": Builtin("hidream", lazy("tuner.builtins.hidream", "build_tiny_hidream")),
     "arch-hidream": Builtin("hidream", lazy("tuner.builtins.hidream", "build_arch_hidream")),
 }

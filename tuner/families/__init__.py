@@ -22,6 +22,7 @@ NOT_FAMILIES = {
     "quantize",
     "text_encoders",
     "chroma_file",
+    "flux2_export",
 }
 
 

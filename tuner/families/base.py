@@ -223,6 +223,11 @@ class FamilyBase:
     def configure(self, comps: Components, recipe: Recipe) -> Components:
         return comps
 
+    def default_targets(self, denoiser: nn.Module) -> tuple[str, ...]:
+        """LoRA targets when the recipe names none (a family whose defaults depend on the
+        model's depth lists them from the denoiser)."""
+        return self.spec.default_targets
+
     def text_encoding_phase(self, comps: Components, device):
         """The context prompts are cached in: the text encoders on `device` (a family whose
         encoders cannot sit there together overrides it and places them in encode_prompts);

@@ -27,8 +27,9 @@ class FluxFamily(FamilyBase):
         recognize=Recognition(
             pipelines=("FluxPipeline",),
             file_keys=("double_blocks",),
-            # Chroma checkpoints have double blocks too, and an approximator Flux never has.
-            file_keys_absent=("distilled_guidance_layer",),
+            # Chroma checkpoints have double blocks too, and an approximator Flux never has;
+            # FLUX.2 ones have shared stream modulations (family flux2).
+            file_keys_absent=("distilled_guidance_layer", "single_stream_modulation"),
         ),
         export=ExportNaming(
             kohya_prefixes=mmdit.MMDIT_KOHYA_PREFIXES,
