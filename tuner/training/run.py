@@ -7,6 +7,7 @@ differences are behind `family.*` calls only.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,7 @@ from tuner.training.optim import build_optimizer, build_scheduler
 from tuner.training.outputs import check_output_dir, claim_output_dir, finish_outputs
 
 log = logging.getLogger("tuner")
+KEEP_CACHED_BYTES = 2**30  # per cache (latents, text)
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -51,8 +53,12 @@ def train(recipe: Recipe) -> Path:
     return run_training(recipe).output_dir
 
 
-def run_training(recipe: Recipe, *, count_flops: bool = False) -> TrainingResult:
-    """count_flops: count the first step's FLOPs (`tuner bench` reports MFU from it)."""
+def run_training(
+    recipe: Recipe, *, count_flops: bool = False, around_steps=None
+) -> TrainingResult:
+    """count_flops: count the first step's FLOPs (`tuner bench` reports MFU from it).
+    around_steps: a context manager factory called with the Run around the step loop
+    (`tuner bench --bare` times bare steps on the same model, adapter and batch there)."""
     output_dir = Path(recipe.output.dir)
     # The family's checks need no weights: a setting it cannot apply fails before anything
     # is written into output.dir (a hub model without model.family is checked after loading).
@@ -174,7 +180,11 @@ def run_training(recipe: Recipe, *, count_flops: bool = False) -> TrainingResult
         )
 
     # 6. Steps, then the outputs.
-    run_steps(run)
+    try:
+        with around_steps(run) if around_steps else contextlib.nullcontext():
+            run_steps(run)
+    finally:
+        getattr(run.batches, "close", lambda: None)()  # the prefetch thread
     peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else 0
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -265,7 +275,9 @@ def warn_long_captions(captions: list[str], tokenizers: dict) -> None:
 def cache_plan(recipe: Recipe, comps) -> CachePlan:
     data = recipe.data
     root = Path(data.cache_dir) if data.cache_dir else default_cache_dir()
-    latents = TensorCache(root, "latents") if data.cache else None
+    # Loaded entries stay in memory (bounded); DataLoader workers would each keep a copy.
+    keep = KEEP_CACHED_BYTES if data.num_workers == 0 else 0
+    latents = TensorCache(root, "latents", keep) if data.cache else None
     crop = data.crop
     if latents is not None and crop == "random":
         log.warning(
@@ -273,7 +285,7 @@ def cache_plan(recipe: Recipe, comps) -> CachePlan:
             "set data.cache=false to train on random crops"
         )
         crop = "center"
-    texts = TensorCache(root, "text") if data.cache else None
+    texts = TensorCache(root, "text", keep) if data.cache else None
     if texts is not None and recipe.adapter.text_encoder:
         texts = None  # the text encoders train, so their outputs change every step
     if texts is not None and data.shuffle_tags:
