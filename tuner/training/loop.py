@@ -180,6 +180,18 @@ def finish_gradients(run: Run, loss: torch.Tensor) -> torch.Tensor:
     return nan_guard_flag(loss, grad_norm)
 
 
+def average_gradients(params: list[torch.nn.Parameter], accelerator) -> None:
+    """Mean of the LoRA gradients over processes, in one flat all-reduce. The models are not
+    wrapped in DDP: only LoRA weights train, so this is all DDP would do for them, and frozen
+    or unused parameters can never trip DDP's unused-parameter check."""
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = accelerator.reduce(torch.cat([g.flatten() for g in grads]), reduction="mean")
+    offset = 0
+    for param, grad in zip(params, grads):
+        param.grad = flat[offset : offset + grad.numel()].view_as(param).to(grad.dtype)
+        offset += grad.numel()
+
+
 def clip_gradients(run: Run, params, max_norm: float) -> torch.Tensor:
     """Scale the gradients to a total norm of at most max_norm; returns the norm before. With
     fused AdamW the scale is its `grad_scale` input (the kernel divides each gradient by it),

@@ -11,7 +11,9 @@ from tuner.errors import TunerError
 def build_optimizer(groups: list[dict], train, device: torch.device):
     kwargs = {"betas": tuple(train.betas), "eps": train.eps, "weight_decay": train.weight_decay}
     if train.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=train.lr, fused=use_fused_adamw(train, device), **kwargs)
+        return torch.optim.AdamW(
+            groups, lr=train.lr, fused=use_fused_adamw(train, device), **kwargs
+        )
     if train.optimizer == "adamw8bit":
         try:
             import bitsandbytes as bnb

@@ -53,9 +53,7 @@ def train(recipe: Recipe) -> Path:
     return run_training(recipe).output_dir
 
 
-def run_training(
-    recipe: Recipe, *, count_flops: bool = False, around_steps=None
-) -> TrainingResult:
+def run_training(recipe: Recipe, *, count_flops: bool = False, around_steps=None) -> TrainingResult:
     """count_flops: count the first step's FLOPs (`tuner bench` reports MFU from it).
     around_steps: a context manager factory called with the Run around the step loop
     (`tuner bench --bare` times bare steps on the same model, adapter and batch there)."""
