@@ -29,6 +29,7 @@ from tuner.recipe import Recipe
 from tuner.training import changes, checkpoint, dreambooth
 from tuner.training.loop import Run, run_steps, stop_text_encoder_training
 from tuner.training.optim import build_optimizer, build_scheduler
+from tuner.training.speed import apply_speed_switches, check_speed_switches
 from tuner.training.outputs import check_output_dir, claim_output_dir, finish_outputs
 
 log = logging.getLogger("tuner")
@@ -136,8 +137,7 @@ def run_training(recipe: Recipe, *, count_flops: bool = False, around_steps=None
     # Only the optimizer is prepared (mixed precision, grad scaler): the models are not wrapped
     # in DDP; see loop.average_gradients.
     optimizer = accelerator.prepare(optimizer)
-    if recipe.train.compile:
-        comps.denoiser.compile()  # in place: the module keeps its type, config and adapters
+    apply_speed_switches(recipe, comps, device)
     run = Run(
         recipe,
         accelerator,
@@ -218,6 +218,8 @@ def check_environment(recipe: Recipe) -> None:
         )
     if "wandb" in recipe.log.to:
         check_wandb()
+    cpu = not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU")
+    check_speed_switches(recipe.train, "cpu" if cpu else "cuda")
 
 
 def check_wandb() -> None:
