@@ -151,7 +151,8 @@ def diffusers_commands() -> str:
     never committed to tuner)."""
     save = (
         'python -c "import torch, tuner; '
-        "tuner.load_pipeline('builtin:arch-{m}', dtype=torch.float32).save_pretrained('/tmp/arch-{m}')\""
+        "tuner.load_pipeline('builtin:arch-{m}', dtype=torch.float32)"
+        ".save_pretrained('/tmp/arch-{m}')\""
     )
     # The example reads captions from metadata.jsonl (an imagefolder), tuner from .txt files.
     imagefolder = (

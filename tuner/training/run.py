@@ -29,8 +29,8 @@ from tuner.recipe import Recipe
 from tuner.training import changes, checkpoint, dreambooth
 from tuner.training.loop import Run, run_steps, stop_text_encoder_training
 from tuner.training.optim import build_optimizer, build_scheduler
-from tuner.training.speed import apply_speed_switches, check_speed_switches
 from tuner.training.outputs import check_output_dir, claim_output_dir, finish_outputs
+from tuner.training.speed import apply_speed_switches, check_speed_switches
 
 log = logging.getLogger("tuner")
 KEEP_CACHED_BYTES = 2**30  # per cache (latents, text)
