@@ -5,6 +5,7 @@ latent/prompt cache, plus peak GPU memory and MFU. A benchmark, not a test: it p
 from __future__ import annotations
 
 import json
+import statistics
 import time
 
 import torch
@@ -17,7 +18,7 @@ def register(sub) -> None:
     p = sub.add_parser("bench", help="measure data and training throughput for a recipe")
     p.add_argument("recipe")
     p.add_argument("overrides", nargs="*")
-    p.add_argument("--steps", type=int, default=20, help="timed training steps")
+    p.add_argument("--steps", type=int, default=40, help="timed training steps")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first")
     p.add_argument("--samples", type=int, default=32, help="samples for the data benchmark")
     p.add_argument(
@@ -31,6 +32,13 @@ def register(sub) -> None:
         action="store_true",
         help="count the first step's FLOPs (torch's flop counter) to report TFLOP/step and MFU",
     )
+    p.add_argument(
+        "--bare",
+        action="store_true",
+        help="only the cached training step, beside a bare forward/backward/optimizer step on "
+        "the same model and batch; prints loop_overhead=<full/bare>x",
+    )
+    p.add_argument("--window", type=int, default=5, help="steps per timed window (median)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=run)
 
@@ -40,6 +48,13 @@ def run(args) -> int:
 
     base = load_recipe(args.recipe, args.overrides)
     report = {"recipe": args.recipe, "device": device_name()}
+    if args.bare:
+        from tuner.cli.bench_bare import summary_line
+
+        report["train_cached"] = train_throughput(args, ["data.cache=true"])
+        print(json.dumps(report, indent=None if args.json else 2))
+        print(summary_line(report["train_cached"]["bare"]))
+        return 0
     if not args.no_data:
         report["data"] = data_throughput(base, args.samples)
     modes = [("cached", ["data.cache=true"])]
@@ -98,23 +113,35 @@ def data_throughput(recipe, samples: int) -> dict:
 
 
 def train_throughput(args, extra: list[str]) -> dict:
+    import tempfile
+
+    from tuner.cli import bench_bare
     from tuner.recipe import load_recipe
     from tuner.training.run import run_training
 
-    total = args.warmup + args.steps
-    overrides = [
-        *args.overrides,
-        *extra,
-        f"train.steps={total}",
-        f"log.every={args.warmup}",
-        "sample.prompts=[]",
-        "output.save_every=0",
-        "output.overwrite=true",
-    ]
-    recipe = load_recipe(args.recipe, overrides)
-    result = run_training(recipe, count_flops=args.count_flops)
-    (s0, t0), (s1, t1) = result.log_times[0], result.log_times[-1]
-    steps_per_s = (s1 - s0) / (t1 - t0)
+    window = args.window if args.bare else args.warmup
+    warmup = -(-args.warmup // window) * window  # log points fall on window boundaries
+    windows = max(args.steps // window, 1)
+    bare = bench_bare.BareSteps(warmup, window) if args.bare else None
+    with tempfile.TemporaryDirectory(prefix="tuner-bench-") as tmp:
+        overrides = [
+            *args.overrides,
+            *extra,
+            f"train.steps={warmup + windows * window}",
+            f"log.every={window}",
+            "sample.prompts=[]",
+            "output.save_every=0",
+            f"output.dir={tmp}/run",  # never over the recipe's own outputs
+        ]
+        recipe = load_recipe(args.recipe, overrides)
+        result = run_training(
+            recipe, count_flops=args.count_flops, around_steps=bare.around if bare else None
+        )
+    if bare is not None:  # the log times also span the bare windows
+        steps_per_s = 1 / statistics.median(wall for wall, _ in bare.full)
+    else:
+        (s0, t0), (s1, t1) = result.log_times[0], result.log_times[-1]
+        steps_per_s = (s1 - s0) / (t1 - t0)
     batch = recipe.train.batch_size * recipe.train.grad_accum
     out = {
         "steps_per_s": round(steps_per_s, 3),
@@ -124,6 +151,8 @@ def train_throughput(args, extra: list[str]) -> dict:
     }
     if torch.cuda.is_available():
         out["peak_mem_gib"] = round(result.peak_memory / 2**30, 2)
+    if bare is not None:
+        out["bare"] = bench_bare.compare(bare.full, bare.bare)
     flops = result.flops_per_step
     if flops:
         out["tflop_per_step"] = round(flops / 1e12, 3)

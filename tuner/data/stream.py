@@ -7,6 +7,9 @@ sees. Each batch carries the (epoch, position) after it, which is what a checkpo
 
 from __future__ import annotations
 
+import queue
+import threading
+
 import torch
 from torch.utils.data import DataLoader, Sampler
 
@@ -71,4 +74,57 @@ def batch_stream(dataset, sampler, state: dict, accelerator, num_workers: int):
         # global RNG, or a resumed run's LoRA dropout would drift.
         generator=torch.Generator().manual_seed(sampler.seed),
     )
-    return iter(loader)
+    if num_workers > 0:
+        return iter(loader)  # the workers already load ahead
+    return Prefetched(iter(loader))
+
+
+class Prefetched:
+    """Loads the next batches in a thread while the step runs: without DataLoader workers,
+    reading the cached latents and text and stacking them took ~1 % of a toy step on the main
+    thread. One thread consumes the loader, in order, so the batches and the (epoch, position)
+    each carries are exactly the loader's."""
+
+    def __init__(self, batches, depth: int = 2):
+        self.queue: queue.Queue = queue.Queue(maxsize=depth)
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(
+            target=self._fill, args=(batches,), name="tuner-batches", daemon=True
+        )
+        self.thread.start()
+
+    def _fill(self, batches) -> None:
+        try:
+            for batch in batches:
+                if not self._put(batch):
+                    return
+            self._put(Failed(StopIteration()))
+        except BaseException as exc:  # raised again in the training thread, at next()
+            self._put(Failed(exc))
+
+    def _put(self, entry) -> bool:
+        while not self.stopped.is_set():
+            try:
+                self.queue.put(entry, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        entry = self.queue.get()
+        if isinstance(entry, Failed):
+            raise entry.exc
+        return entry
+
+    def close(self) -> None:
+        self.stopped.set()
+        self.thread.join(timeout=5)
+
+
+class Failed:
+    def __init__(self, exc: BaseException):
+        self.exc = exc

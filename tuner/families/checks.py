@@ -33,6 +33,11 @@ def validate_common(spec: FamilySpec, recipe) -> None:
             "text encoder outputs are cached, and its pipeline does not load such LoRA); "
             "set it to false"
         )
+    if train.channels_last and spec.denoiser != "unet":
+        raise TunerError(
+            f"train.channels_last: applies to UNet families (sd15, sd2, sdxl); {spec.name}'s "
+            "transformer has no convolutions to speed up; remove it"
+        )
     if spec.objective == "ddpm":
         for key in FLOW_ONLY:
             if key in train.model_fields_set:

@@ -241,6 +241,9 @@ class TrainSection(Section):
     resume: str | None = None
     nan_patience: int = Field(20, ge=1)
     compile: bool = False
+    fused_adamw: bool | None = None  # None: fused where torch has the kernel (CUDA, CPU)
+    channels_last: bool = False
+    sdpa_backend: Literal["auto", "flash", "efficient", "math", "cudnn"] = "auto"
 
     @field_validator("lr_pattern")
     @classmethod

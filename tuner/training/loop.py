@@ -4,6 +4,7 @@ checkpoint, sample. Everything a step needs travels in one `Run`."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import signal
@@ -45,8 +46,12 @@ class Run:
     record: dict = field(default_factory=dict)  # what each checkpoint records: run id, recipe, data
     stats: dict = field(default_factory=lambda: {"log_times": [], "flops": None})
 
-    @property
+    # Steps whose NaN-guard flag is still on the device: (step, flag). See guard_on_device.
+    pending: list = field(default_factory=list)
+
+    @functools.cached_property
     def params(self) -> list[torch.nn.Parameter]:
+        # Built once: walking every module's parameters each step cost ~1 % of a toy step.
         return [p for m in self.trained.values() for p in lora.trainable_parameters(m)]
 
 
@@ -68,18 +73,21 @@ def compute_loss(recipe, family, comps, objective, batch, generator, accelerator
     with accelerator.autocast():
         pred = family.predict(comps, inputs.noisy, inputs.timesteps, cond, batch)
     per_sample = weighted_loss(pred, inputs.target, inputs.weight, objective.loss, inputs.huber_c)
-    is_prior = batch["is_prior"].to(device, non_blocking=True)
-    instance = per_sample[~is_prior].mean()
     if recipe.dreambooth is None or not recipe.dreambooth.with_prior_preservation:
-        return instance
-    return instance + recipe.dreambooth.prior_loss_weight * per_sample[is_prior].mean()
+        return per_sample.mean()  # every sample is an instance
+    # Masked means, not per_sample[mask]: boolean indexing waits for the device (a host sync).
+    is_prior = batch["is_prior"].to(device, non_blocking=True).to(per_sample.dtype)
+    instance = (per_sample * (1 - is_prior)).sum() / (1 - is_prior).sum()
+    prior = (per_sample * is_prior).sum() / is_prior.sum()
+    return instance + recipe.dreambooth.prior_loss_weight * prior
 
 
 def run_steps(run: Run) -> None:
     train_cfg = run.recipe.train
     stopper = GracefulStop()
     running = torch.zeros((), device=run.accelerator.device)
-    bad_steps, started, first = 0, time.perf_counter(), run.state["step"]
+    started, first = time.perf_counter(), run.state["step"]
+    run.stats.setdefault("bad_steps", 0)
     bar = tqdm(
         total=train_cfg.steps,
         initial=run.state["step"],
@@ -94,17 +102,14 @@ def run_steps(run: Run) -> None:
     try:  # the bar is closed before any error line, so that line is the last one printed
         while run.state["step"] < train_cfg.steps:
             step = run.state["step"] + 1
-            finite = train_one_step(run, running)
-            bad_steps = 0 if finite else bad_steps + 1
-            if finite:
-                run.state["applied"] = run.state.get("applied", step - 1) + 1
-            else:
-                check_non_finite(run, step, bad_steps)
+            run.pending.append((step, train_one_step(run, running)))
+            save_now = run.recipe.output.save_every and step % run.recipe.output.save_every == 0
+            if needs_settling(run, step, save_now):
+                settle_guard(run)
             run.scheduler.step()
             stop_text_encoder_training(run, step)
             bar.update(1)
             log_progress(run, step, running, bar)
-            save_now = run.recipe.output.save_every and step % run.recipe.output.save_every == 0
             stop = stop_everywhere(run, stopper.requested)
             sample_now = sampling_due(run, step)
             if save_now or stop or sample_now:
@@ -112,6 +117,7 @@ def run_steps(run: Run) -> None:
                 # checkpoint holds them, and a resumed run switches back exactly as this one.
                 with eval_weights(run.optimizer, stay=step == train_cfg.steps):
                     if save_now or stop:
+                        settle_guard(run)  # the checkpoint records how many updates applied
                         checkpoint.save_training_state(run)
                     if sample_now:
                         sample_during_training(run, step)
@@ -120,6 +126,7 @@ def run_steps(run: Run) -> None:
                     f"stopped by {stopper.signal_name or 'a signal'} at step {step}; resume with: "
                     f"{run.recipe.command('train.resume=latest')}"
                 )
+        settle_guard(run)
     finally:
         bar.close()
     if run.state.get("applied", run.state["step"]) == 0:
@@ -141,17 +148,14 @@ def run_steps(run: Run) -> None:
         log.info("trained %d steps in %.1fs", done, took)
 
 
-def train_one_step(run: Run, running: torch.Tensor) -> bool:
-    """All micro-batches of one optimizer step. Returns False if the step was skipped."""
+def train_one_step(run: Run, running: torch.Tensor):
+    """All micro-batches of one optimizer step. Returns whether the update was applied: a bool,
+    or the device flag when the skip was decided on the device (see guarded_step)."""
     train_cfg, accelerator = run.recipe.train, run.accelerator
-    step, finite = run.state["step"], True
+    step, outcome = run.state["step"], True
     for micro in range(train_cfg.grad_accum):
         batch = next(run.batches)
-        # One generator per (seed, step, micro), the same on every process (each keeps its
-        # slice of the global draw): resumed and multi-process runs draw the same noise.
-        generator = torch.Generator(accelerator.device).manual_seed(
-            train_cfg.seed * 1_000_003 + step * 101 + micro * 7
-        )
+        generator = step_generator(run, step, micro)
         count = step == 0 and micro == 0 and run.count_flops
         with accelerator.accumulate(), flop_counter(run.stats, count):
             loss = compute_loss(
@@ -159,24 +163,30 @@ def train_one_step(run: Run, running: torch.Tensor) -> bool:
             )
             accelerator.backward(loss)
             if accelerator.sync_gradients:
-                finite = finish_gradients(run, loss)
-                if finite:
-                    run.optimizer.step()
-            run.optimizer.zero_grad(set_to_none=True)
+                outcome = guarded_step(run, finish_gradients(run, loss))
+                stepper(run).zero_grad(set_to_none=True)
         running += loss.detach() / train_cfg.grad_accum
     run.state.update(step=step + 1, epoch=batch["epoch"], position=batch["position"])
-    return finite
+    return outcome
 
 
-def finish_gradients(run: Run, loss: torch.Tensor) -> bool:
-    """Average across processes, clip, and check that loss and gradients are finite."""
+def step_generator(run: Run, step: int, micro: int) -> torch.Generator:
+    # One generator per (seed, step, micro), the same on every process (each keeps its
+    # slice of the global draw): resumed and multi-process runs draw the same noise.
+    return torch.Generator(run.accelerator.device).manual_seed(
+        run.recipe.train.seed * 1_000_003 + step * 101 + micro * 7
+    )
+
+
+def finish_gradients(run: Run, loss: torch.Tensor) -> torch.Tensor:
+    """Average across processes, clip; returns the device flag 'loss and gradients finite'."""
     params = run.params
     if run.accelerator.num_processes > 1:
         average_gradients(params, run.accelerator)
     grad_norm = None
     if run.recipe.train.max_grad_norm:
-        grad_norm = run.accelerator.clip_grad_norm_(params, run.recipe.train.max_grad_norm)
-    return nan_guard_ok(loss, grad_norm)
+        grad_norm = clip_gradients(run, params, run.recipe.train.max_grad_norm)
+    return nan_guard_flag(loss, grad_norm)
 
 
 def average_gradients(params: list[torch.nn.Parameter], accelerator) -> None:
@@ -191,12 +201,106 @@ def average_gradients(params: list[torch.nn.Parameter], accelerator) -> None:
         offset += grad.numel()
 
 
-def nan_guard_ok(loss, grad_norm) -> bool:
-    # The one host sync per optimizer step: the same cost as fp16's GradScaler check.
+def clip_gradients(run: Run, params, max_norm: float) -> torch.Tensor:
+    """Scale the gradients to a total norm of at most max_norm; returns the norm before. With
+    fused AdamW the scale is its `grad_scale` input (the kernel divides each gradient by it),
+    so clipping adds one norm pass and no pass of its own; otherwise torch's clipping, with
+    foreach kernels also on the CPU (where torch's default is one kernel per tensor)."""
+    if run.accelerator.scaler is not None:
+        run.accelerator.unscale_gradients()  # fp16: clip the true gradients
+    foreach = True if run.accelerator.device.type in ("cpu", "cuda") else None
+    grads = [p.grad for p in params if p.grad is not None]
+    total = torch.nn.utils.get_total_norm(grads, foreach=foreach)
+    fused = fused_adamw(run)
+    if fused is not None:  # the same coefficient as torch's clip_grads_with_norm_
+        fused.grad_scale = ((total + 1e-6) / max_norm).clamp(min=1.0)
+    else:
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total, foreach=foreach)
+    return total
+
+
+def nan_guard_flag(loss, grad_norm) -> torch.Tensor:
     flag = torch.isfinite(loss)
     if grad_norm is not None:
         flag = flag & torch.isfinite(torch.as_tensor(grad_norm))
-    return bool(flag.item())
+    return flag
+
+
+def raw_optimizer(run: Run):
+    return getattr(run.optimizer, "optimizer", run.optimizer)  # inside accelerate's wrapper
+
+
+def stepper(run: Run):
+    """The optimizer to call step/zero_grad on. Without fp16's GradScaler, accelerate's wrapper
+    adds only its own checks (~0.25 ms a step: a package lookup per call, a signature
+    inspection), so the loop calls torch's optimizer; with the scaler, the wrapper drives it."""
+    return run.optimizer if run.accelerator.scaler is not None else raw_optimizer(run)
+
+
+def fused_adamw(run: Run):
+    """torch's fused AdamW when the loop may drive its grad_scale/found_inf inputs itself (not
+    with fp16, whose GradScaler owns them), else None."""
+    optimizer = raw_optimizer(run)
+    if run.accelerator.scaler is not None or type(optimizer) is not torch.optim.AdamW:
+        return None
+    return optimizer if optimizer.defaults.get("fused") else None
+
+
+def guard_on_device(run: Run) -> bool:
+    """Skip a bad step without waiting for the GPU: fused AdamW takes a `found_inf` tensor and
+    then leaves parameters and state untouched (GradScaler's mechanism). On the CPU reading the
+    flag costs nothing (the step is already computed), so the CPU decides on the host."""
+    return run.accelerator.device.type == "cuda" and fused_adamw(run) is not None
+
+
+def guarded_step(run: Run, flag: torch.Tensor):
+    """The optimizer step unless `flag` says loss or gradients were non-finite."""
+    fused = fused_adamw(run)
+    try:
+        if guard_on_device(run):
+            fused.found_inf = (~flag).float()
+            stepper(run).step()
+            return flag  # read at the next settle_guard
+        finite = bool(flag.item())
+        if finite:
+            stepper(run).step()
+        return finite
+    finally:
+        if fused is not None:  # the inputs are this step's only
+            fused.grad_scale = fused.found_inf = None
+
+
+def needs_settling(run: Run, step: int, save_now: bool) -> bool:
+    """Flags left on the device are read at log points (which sync for the loss anyway), before
+    checkpoints, and often enough that nan_patience still stops a run in time."""
+    pending = run.pending
+    if all(isinstance(outcome, bool) for _, outcome in pending):
+        return True
+    every = run.recipe.log.every
+    return (
+        save_now
+        or step % every == 0
+        or step == run.recipe.train.steps
+        or len(pending) >= run.recipe.train.nan_patience
+    )
+
+
+def settle_guard(run: Run) -> None:
+    """Count the applied and skipped steps of the pending flags, in step order (one read)."""
+    if not run.pending:
+        return
+    steps = [step for step, _ in run.pending]
+    outcomes = [outcome for _, outcome in run.pending]
+    run.pending.clear()
+    if not all(isinstance(outcome, bool) for outcome in outcomes):
+        outcomes = torch.stack([torch.as_tensor(o).reshape(()) for o in outcomes]).tolist()
+    for step, finite in zip(steps, outcomes):
+        if finite:
+            run.stats["bad_steps"] = 0
+            run.state["applied"] = run.state.get("applied", step - 1) + 1
+        else:
+            run.stats["bad_steps"] += 1
+            check_non_finite(run, step, run.stats["bad_steps"])
 
 
 def check_non_finite(run: Run, step: int, bad_steps: int) -> None:
@@ -227,6 +331,8 @@ def log_progress(run: Run, step: int, running: torch.Tensor, bar) -> None:
     bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items()})
     run.accelerator.log(logs, step=step)
     running.zero_()
+    if "at_log" in run.stats:  # `tuner bench --bare` times its bare windows here
+        run.stats["at_log"](step)
 
 
 def sampling_due(run: Run, step: int) -> bool:

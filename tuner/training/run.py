@@ -7,6 +7,7 @@ differences are behind `family.*` calls only.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,8 +32,10 @@ from tuner.training import changes, checkpoint, dreambooth
 from tuner.training.loop import Run, run_steps, stop_text_encoder_training
 from tuner.training.optim import build_optimizer, build_scheduler, check_optimizer, has_eval_mode
 from tuner.training.outputs import check_output_dir, claim_output_dir, finish_outputs
+from tuner.training.speed import apply_speed_switches, check_speed_switches
 
 log = logging.getLogger("tuner")
+KEEP_CACHED_BYTES = 2**30  # per cache (latents, text)
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -53,8 +56,10 @@ def train(recipe: Recipe) -> Path:
     return run_training(recipe).output_dir
 
 
-def run_training(recipe: Recipe, *, count_flops: bool = False) -> TrainingResult:
-    """count_flops: count the first step's FLOPs (`tuner bench` reports MFU from it)."""
+def run_training(recipe: Recipe, *, count_flops: bool = False, around_steps=None) -> TrainingResult:
+    """count_flops: count the first step's FLOPs (`tuner bench` reports MFU from it).
+    around_steps: a context manager factory called with the Run around the step loop
+    (`tuner bench --bare` times bare steps on the same model, adapter and batch there)."""
     output_dir = Path(recipe.output.dir)
     # The family's checks need no weights: a setting it cannot apply fails before anything
     # is written into output.dir (a hub model without model.family is checked after loading).
@@ -137,8 +142,7 @@ def run_training(recipe: Recipe, *, count_flops: bool = False) -> TrainingResult
     # Only the optimizer is prepared (mixed precision, grad scaler): the models are not wrapped
     # in DDP; see loop.average_gradients.
     optimizer = accelerator.prepare(optimizer)
-    if recipe.train.compile:
-        comps.denoiser.compile()  # in place: the module keeps its type, config and adapters
+    apply_speed_switches(recipe, comps, device)
     run = Run(
         recipe,
         accelerator,
@@ -179,7 +183,11 @@ def run_training(recipe: Recipe, *, count_flops: bool = False) -> TrainingResult
         )
 
     # 6. Steps, then the outputs.
-    run_steps(run)
+    try:
+        with around_steps(run) if around_steps else contextlib.nullcontext():
+            run_steps(run)
+    finally:
+        getattr(run.batches, "close", lambda: None)()  # the prefetch thread
     if has_eval_mode(run.optimizer):
         run.optimizer.eval()  # schedule-free: the outputs are its evaluation weights
     peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else 0
@@ -218,6 +226,8 @@ def check_environment(recipe: Recipe) -> None:
     check_optimizer(recipe.train, recipe.adapter)
     if "wandb" in recipe.log.to:
         check_wandb()
+    cpu = not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU")
+    check_speed_switches(recipe.train, "cpu" if cpu else "cuda")
 
 
 def check_wandb() -> None:
@@ -273,7 +283,9 @@ def warn_long_captions(captions: list[str], tokenizers: dict) -> None:
 def cache_plan(recipe: Recipe, comps) -> CachePlan:
     data = recipe.data
     root = Path(data.cache_dir) if data.cache_dir else default_cache_dir()
-    latents = TensorCache(root, "latents") if data.cache else None
+    # Loaded entries stay in memory (bounded); DataLoader workers would each keep a copy.
+    keep = KEEP_CACHED_BYTES if data.num_workers == 0 else 0
+    latents = TensorCache(root, "latents", keep) if data.cache else None
     crop = data.crop
     if latents is not None and crop == "random":
         log.warning(
@@ -281,7 +293,7 @@ def cache_plan(recipe: Recipe, comps) -> CachePlan:
             "set data.cache=false to train on random crops"
         )
         crop = "center"
-    texts = TensorCache(root, "text") if data.cache else None
+    texts = TensorCache(root, "text", keep) if data.cache else None
     if texts is not None and recipe.adapter.text_encoder:
         texts = None  # the text encoders train, so their outputs change every step
     if texts is not None and data.shuffle_tags:
