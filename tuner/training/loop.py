@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 from tuner.adapters import lora
 from tuner.errors import TunerError
 from tuner.objectives.common import weighted_mse
+from tuner.objectives.masks import masked_mse
 from tuner.training import checkpoint
 
 log = logging.getLogger("tuner")
@@ -66,7 +67,11 @@ def compute_loss(recipe, family, comps, objective, batch, generator, accelerator
     inputs = objective.sample(latents.float(), generator, share)
     with accelerator.autocast():
         pred = family.predict(comps, inputs.noisy, inputs.timesteps, cond, batch)
-    per_sample = weighted_mse(pred, inputs.target, inputs.weight)
+    if "mask" in batch:  # masked loss (data.datasets[].mask_dir, data.alpha_mask)
+        mask = batch["mask"].to(device, non_blocking=True)
+        per_sample = masked_mse(pred, inputs.target, inputs.weight, mask, recipe.data.unmasked_weight)
+    else:
+        per_sample = weighted_mse(pred, inputs.target, inputs.weight)
     is_prior = batch["is_prior"].to(device, non_blocking=True)
     instance = per_sample[~is_prior].mean()
     if recipe.dreambooth is None or not recipe.dreambooth.with_prior_preservation:
