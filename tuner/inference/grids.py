@@ -164,8 +164,11 @@ def _fit(draw, text: str, font, width: int) -> str:
 GRID_BATCH = 4
 
 
-def training_grid(recipe, output_dir: Path, family, comps, step: int, accelerator) -> Path | None:
-    """Grid of the recipe's fixed prompts x seeds (rows) x adapter scales (columns)."""
+def training_grid(
+    recipe, output_dir: Path, family, comps, step: int, accelerator, ema=None
+) -> Path | None:
+    """Grid of the recipe's fixed prompts x seeds (rows) x adapter scales (columns); with
+    train.ema, the average's own columns beside them (adapter "ema", every scale but 0)."""
     prompts = recipe.sample.prompts
     if not prompts:
         return None
@@ -176,38 +179,60 @@ def training_grid(recipe, output_dir: Path, family, comps, step: int, accelerato
     size = recipe.data.resolution
     sample = recipe.sample
     cells = [
-        Cell(p, seed, scale, step)
+        Cell(p, seed, scale, step, adapter_label(scale, ema))
         for p in prompts
         for seed in sample.seeds
         for scale in sample.scales
+    ]
+    averaged = [
+        Cell(p, seed, scale, step, "ema")
+        for p in prompts
+        for seed in sample.seeds
+        for scale in sample.scales
+        if ema is not None and scale != 0
     ]
     was_training = comps.denoiser.training
     comps.denoiser.eval()
     # The encoders visit the device for this phase only (their outputs are cached).
     with on_device([comps.vae, *comps.text_encoders.values()], device):
-        # Cells of one scale share pipeline calls (a few at a time, to bound memory); each keeps
-        # its own generator, so an image does not depend on its batch.
-        for scale in sample.scales:
-            same_scale = [cell for cell in cells if cell.scale == scale]
-            for start in range(0, len(same_scale), GRID_BATCH):
-                chunk = same_scale[start : start + GRID_BATCH]
-                images = render_batch(
-                    pipe,
-                    chunk,
-                    steps=sample.steps,
-                    guidance=sample.guidance,
-                    negative_prompt=sample.negative_prompt,
-                    width=sample.width or size,
-                    height=sample.height or size,
-                    device=device,
-                )
-                for cell, image in zip(chunk, images, strict=True):
-                    cell.image = image
+        render_cells(pipe, cells, sample, size, device)
+        if averaged:
+            with ema.swapped_in():
+                render_cells(pipe, averaged, sample, size, device)
     comps.denoiser.train(was_training)
-    sheet, meta = make_grid(cells, ("prompt", "seed"), ("scale",))
+    cols = ("adapter", "scale") if averaged else ("scale",)
+    sheet, meta = make_grid(cells + averaged, ("prompt", "seed"), cols)
     path = save_grid(sheet, meta, Path(output_dir) / "samples" / f"step-{step:06d}.png")
     _log_images(accelerator, sheet, step)
     return path
+
+
+def adapter_label(scale: float, ema) -> str:
+    """With an EMA column the adapter axis is labelled: base (scale 0), raw, ema."""
+    if ema is None:
+        return ""
+    return "base" if scale == 0 else "raw"
+
+
+def render_cells(pipe, cells: list[Cell], sample, size: int, device) -> None:
+    # Cells of one scale share pipeline calls (a few at a time, to bound memory); each keeps
+    # its own generator, so an image does not depend on its batch.
+    for scale in dict.fromkeys(cell.scale for cell in cells):
+        same_scale = [cell for cell in cells if cell.scale == scale]
+        for start in range(0, len(same_scale), GRID_BATCH):
+            chunk = same_scale[start : start + GRID_BATCH]
+            images = render_batch(
+                pipe,
+                chunk,
+                steps=sample.steps,
+                guidance=sample.guidance,
+                negative_prompt=sample.negative_prompt,
+                width=sample.width or size,
+                height=sample.height or size,
+                device=device,
+            )
+            for cell, image in zip(chunk, images, strict=True):
+                cell.image = image
 
 
 def _log_images(accelerator, sheet: Image.Image, step: int) -> None:

@@ -38,6 +38,8 @@ class Run:
     batches: object
     output_dir: Path
     count_flops: bool = False  # count the first step's FLOPs (benchmarks' MFU)
+    ema: object = None  # training.ema.AdapterEma with train.ema
+    validation: object = None  # training.validation.Validation with data.validation
     # applied: steps whose update was applied (not skipped as non-finite)
     state: dict = field(
         default_factory=lambda: {"step": 0, "epoch": 0, "position": 0, "applied": 0}
@@ -104,8 +106,12 @@ def run_steps(run: Run) -> None:
                 check_non_finite(run, step, bad_steps)
             run.scheduler.step()
             stop_text_encoder_training(run, step)
+            if run.ema is not None:
+                run.ema.update(step)
             bar.update(1)
             log_progress(run, step, running, bar)
+            if run.validation is not None:  # every train.validate_every steps (and keep_best)
+                run.validation.after_step(run, step, bar)
             save_now = run.recipe.output.save_every and step % run.recipe.output.save_every == 0
             stop = stop_everywhere(run, stopper.requested)
             if save_now or stop:
@@ -220,7 +226,8 @@ def log_progress(run: Run, step: int, running: torch.Tensor, bar) -> None:
     if run.accelerator.device.type == "cuda":
         logs["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
     run.stats["log_times"].append((step, time.perf_counter()))
-    bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items()})
+    shown = {**logs, **run.stats.get("shown", {})}  # + the last validation loss
+    bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items()})
     run.accelerator.log(logs, step=step)
     running.zero_()
 
@@ -232,7 +239,9 @@ def sample_during_training(run: Run, step: int) -> None:
     if run.accelerator.is_main_process:
         from tuner.inference.grids import training_grid
 
-        training_grid(run.recipe, run.output_dir, run.family, run.comps, step, run.accelerator)
+        training_grid(
+            run.recipe, run.output_dir, run.family, run.comps, step, run.accelerator, ema=run.ema
+        )
     run.accelerator.wait_for_everyone()
 
 

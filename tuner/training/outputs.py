@@ -153,21 +153,48 @@ def kohya_export_possible(recipe) -> bool:
 
 
 def finish_outputs(
-    recipe, output_dir: Path, family, comps, trained, accelerator, steps: int, report
+    recipe, output_dir: Path, family, comps, trained, accelerator, steps: int, report, ema=None
 ) -> None:
-    """Final adapter in every requested format, the final grid, the model card."""
+    """Final adapter in every requested format (and its average with train.ema), the final
+    grid, the model card."""
     # Every file goes through tuner.files: a failed write is one files.WriteError and leaves no
     # partial file; run.py then keeps a checkpoint of the final weights (never lost).
-    write_outputs(recipe, output_dir, family, comps, trained, accelerator, steps, report)
+    write_outputs(recipe, output_dir, family, comps, trained, accelerator, steps, report, ema)
 
 
 def write_outputs(
-    recipe, output_dir: Path, family, comps, trained, accelerator, steps: int, report
+    recipe, output_dir: Path, family, comps, trained, accelerator, steps: int, report, ema=None
 ) -> None:
     from tuner.inference.grids import training_grid
 
     meta = training_metadata(recipe, comps, steps, tag_frequency(report.captions))
-    adapter_file = lora.save_adapter(output_dir, family, trained, extra_metadata=meta)
+    write_adapter_files(recipe, output_dir, family, trained, meta)
+    if ema is not None:  # the average, as a second adapter in the same formats
+        from tuner.training.ema import EMA_KOHYA_WEIGHT_NAME, EMA_WEIGHT_NAME
+
+        with ema.swapped_in():
+            write_adapter_files(
+                recipe, output_dir, family, trained, meta, EMA_WEIGHT_NAME, EMA_KOHYA_WEIGHT_NAME
+            )
+    grid = training_grid(recipe, output_dir, family, comps, steps, accelerator, ema=ema)
+    files.write_text(output_dir / "README.md", model_card(recipe, family, steps, grid))
+    files.write_json(output_dir / FINISHED, {"steps": steps})
+    log.info("adapter saved to %s", output_dir)
+
+
+def write_adapter_files(
+    recipe,
+    output_dir: Path,
+    family,
+    trained,
+    meta: dict,
+    weight_name: str = lora.WEIGHT_NAME,
+    kohya_name: str = lora.KOHYA_WEIGHT_NAME,
+) -> None:
+    """The trained modules' adapter: the diffusers file and its kohya twin, as output.formats."""
+    adapter_file = lora.save_adapter(
+        output_dir, family, trained, weight_name=weight_name, extra_metadata=meta
+    )
     if kohya_export_possible(recipe):
         if family.spec.export.comfy_layout is not None:
             state, file_meta = formats.read_adapter(adapter_file)
@@ -175,13 +202,9 @@ def write_outputs(
         else:
             # From the trained modules: the trained alpha, whatever the diffusers file folded in.
             kohya = lora.kohya_state(trained, family)
-        formats.write_safetensors(kohya, output_dir / lora.KOHYA_WEIGHT_NAME, meta)
+        formats.write_safetensors(kohya, output_dir / kohya_name, meta)
     if "diffusers" not in recipe.output.formats:
         adapter_file.unlink()
-    grid = training_grid(recipe, output_dir, family, comps, steps, accelerator)
-    files.write_text(output_dir / "README.md", model_card(recipe, family, steps, grid))
-    files.write_json(output_dir / FINISHED, {"steps": steps})
-    log.info("adapter saved to %s", output_dir)
 
 
 def load_snippet(recipe, family) -> str:

@@ -26,6 +26,7 @@ from tuner.devices import place
 from tuner.errors import TunerError
 from tuner.recipe import Recipe
 from tuner.training import changes, checkpoint, dreambooth
+from tuner.training.ema import build_ema
 from tuner.training.loop import Run, run_steps, stop_text_encoder_training
 from tuner.training.optim import build_optimizer, build_scheduler
 from tuner.training.outputs import check_output_dir, claim_output_dir, finish_outputs
@@ -152,6 +153,7 @@ def run_training(recipe: Recipe, *, count_flops: bool = False) -> TrainingResult
             "data": fingerprint,
         },
     )
+    run.ema = build_ema(run)  # from the initial weights; a checkpoint's average replaces it
     if resume_from is not None:
         run.state = checkpoint.load_training_state(resume_from, run)
         stop_text_encoder_training(run, run.state["step"])  # the lr the recipe gives now
@@ -180,7 +182,15 @@ def run_training(recipe: Recipe, *, count_flops: bool = False) -> TrainingResult
     if accelerator.is_main_process:
         try:
             finish_outputs(
-                recipe, output_dir, family, comps, trained, accelerator, run.state["step"], report
+                recipe,
+                output_dir,
+                family,
+                comps,
+                trained,
+                accelerator,
+                run.state["step"],
+                report,
+                ema=run.ema,
             )
         except files.WriteError as exc:  # the weights are in memory: keep them on disk
             raise checkpoint.keep_final_weights(run, exc) from exc
