@@ -54,6 +54,20 @@ class Run:
 
 def compute_loss(recipe, family, comps, objective, batch, generator, accelerator):
     """Loss of one micro-batch: instance mean + prior_loss_weight * prior mean."""
+    share = (accelerator.process_index, accelerator.num_processes)
+    per_sample = per_sample_loss(
+        recipe, family, comps, objective, batch, generator, accelerator, share
+    )
+    is_prior = batch["is_prior"].to(accelerator.device, non_blocking=True)
+    instance = per_sample[~is_prior].mean()
+    if recipe.dreambooth is None or not recipe.dreambooth.with_prior_preservation:
+        return instance
+    return instance + recipe.dreambooth.prior_loss_weight * per_sample[is_prior].mean()
+
+
+def per_sample_loss(recipe, family, comps, objective, batch, generator, accelerator, share):
+    """Each sample's (weighted, masked) loss, shape (batch,); share = (rank, world) of the
+    global batch's noise draw."""
     device = accelerator.device
     if "latents" in batch:
         latents = batch["latents"].to(device, non_blocking=True)
@@ -65,7 +79,6 @@ def compute_loss(recipe, family, comps, objective, batch, generator, accelerator
     else:
         with torch.set_grad_enabled(recipe.adapter.text_encoder):
             cond = family.encode_prompts(comps, batch["captions"])
-    share = (accelerator.process_index, accelerator.num_processes)
     inputs = objective.sample(latents.float(), generator, share)
     with accelerator.autocast():
         pred = family.predict(comps, inputs.noisy, inputs.timesteps, cond, batch)
@@ -74,11 +87,7 @@ def compute_loss(recipe, family, comps, objective, batch, generator, accelerator
         per_sample = masked_mse(pred, inputs.target, inputs.weight, mask, recipe.data.unmasked_weight)
     else:
         per_sample = weighted_mse(pred, inputs.target, inputs.weight)
-    is_prior = batch["is_prior"].to(device, non_blocking=True)
-    instance = per_sample[~is_prior].mean()
-    if recipe.dreambooth is None or not recipe.dreambooth.with_prior_preservation:
-        return instance
-    return instance + recipe.dreambooth.prior_loss_weight * per_sample[is_prior].mean()
+    return per_sample
 
 
 def run_steps(run: Run) -> None:
@@ -226,6 +235,7 @@ def log_progress(run: Run, step: int, running: torch.Tensor, bar) -> None:
     if run.accelerator.device.type == "cuda":
         logs["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
     run.stats["log_times"].append((step, time.perf_counter()))
+    run.stats["postfix"] = logs
     shown = {**logs, **run.stats.get("shown", {})}  # + the last validation loss
     bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items()})
     run.accelerator.log(logs, step=step)

@@ -142,6 +142,9 @@ def claim_output_dir(recipe, output_dir: Path, plan: OutputPlan) -> None:
         log.warning("%s", plan.replaces)
         for old in plan.stale:
             shutil.rmtree(old, ignore_errors=True)
+        # The replaced run's best checkpoint and validation curve are not this run's.
+        shutil.rmtree(output_dir / "best", ignore_errors=True)
+        (output_dir / "validation.json").unlink(missing_ok=True)
     (output_dir / FINISHED).unlink(missing_ok=True)
     files.write_text(output_dir / "recipe.yaml", recipe.to_yaml())
     files.write_json(output_dir / RUN_FILE, {"run_id": plan.run_id})

@@ -25,7 +25,7 @@ from tuner.data.stream import batch_stream
 from tuner.devices import place
 from tuner.errors import TunerError
 from tuner.recipe import Recipe
-from tuner.training import changes, checkpoint, dreambooth
+from tuner.training import changes, checkpoint, dreambooth, validation
 from tuner.training.ema import build_ema
 from tuner.training.loop import Run, run_steps, stop_text_encoder_training
 from tuner.training.optim import build_optimizer, build_scheduler
@@ -79,12 +79,14 @@ def run_training(recipe: Recipe, *, count_flops: bool = False) -> TrainingResult
     # 1. Data first: a bad dataset fails before minutes of model loading. The run's own
     # output.dir is never read back as data (its sample grids), even inside a dataset folder.
     extra_sources = dreambooth.instance_sources(recipe)
-    items, report = collect_items(
-        recipe.data, extra_sources, skip_dirs={str(output_dir): "the output.dir"}
-    )
+    skip_dirs = {str(output_dir): "the output.dir"}
+    items, report = collect_items(recipe.data, extra_sources, skip_dirs=skip_dirs)
+    items, held_out = validation.held_out(recipe, items, skip_dirs)
     fingerprint = data_fingerprint(items)
     if is_main:
         log.info("%d training images in buckets:\n%s", len(items), report.histogram)
+        if held_out:
+            log.info("%d held-out validation images", len(held_out))
         notice = changes.data_notice(ownership.recorded.get("data"), fingerprint, resume_from)
         if notice:
             log.warning("%s", notice)
@@ -113,7 +115,9 @@ def run_training(recipe: Recipe, *, count_flops: bool = False) -> TrainingResult
     # 3. Encode once: latents and prompts go to the disk cache; encoders leave the GPU.
     plan = cache_plan(recipe, comps)
     with accelerator.main_process_first():
-        stats = build_cache(items + class_items, recipe.data, plan, family, comps, device)
+        stats = build_cache(
+            items + class_items + held_out, recipe.data, plan, family, comps, device
+        )
     if accelerator.is_main_process and (plan.latents or plan.texts):
         log.info(
             "cache: %d hit, %d made, %d skipped", stats["hit"], stats["made"], len(report.skipped)
@@ -158,6 +162,8 @@ def run_training(recipe: Recipe, *, count_flops: bool = False) -> TrainingResult
         run.state = checkpoint.load_training_state(resume_from, run)
         stop_text_encoder_training(run, run.state["step"])  # the lr the recipe gives now
         log.info("resumed from %s at step %d", resume_from, run.state["step"])
+    if held_out:
+        run.validation = validation.Validation(run, held_out, plan, resume_from)
     if is_main:
         claim_output_dir(recipe, output_dir, ownership)
     accelerator.wait_for_everyone()
