@@ -158,3 +158,29 @@ def test_masks_inside_the_dataset_folder_are_not_training_images(make_recipe, st
 def test_mask_settings_that_cannot_apply_are_refused(make_recipe, overrides, words):
     with pytest.raises(Exception, match=words):
         make_recipe(*overrides)
+
+
+@pytest.mark.slow
+def test_white_masks_train_as_no_masks(make_recipe, style_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    from tuner.adapters.lora import WEIGHT_NAME
+    from tuner.training.run import run_training
+
+    white = tmp_path / "white"
+    white.mkdir()
+    for png in style_dir.glob("*.png"):
+        Image.new("L", Image.open(png).size, 255).save(white / png.name)
+    # Uncached (a cached latent's VAE draw is seeded by its key, which holds the mask hash):
+    # the pixel-size mask is area-averaged in the loss.
+    plain = run_training(
+        make_recipe(f"output.dir={tmp_path / 'plain'}", "data.cache=false")
+    ).output_dir
+    masked = run_training(
+        make_recipe(
+            f"output.dir={tmp_path / 'masked'}", "data.cache=false", f"data.datasets.0.mask_dir={white}"
+        )
+    ).output_dir
+    a, b = load_file(str(plain / WEIGHT_NAME)), load_file(str(masked / WEIGHT_NAME))
+    assert a.keys() == b.keys()
+    assert all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6) for k in a)
