@@ -45,7 +45,9 @@ def test_masked_loss_is_the_weighted_mean_formula():
         assert torch.allclose(got[b], expected, rtol=1e-6), (got[b], expected)
     # An all-white mask is the plain (weighted) MSE.
     ones = torch.ones(2, 1, 8, 8)
-    assert torch.allclose(masked_mse(pred, target, weight, ones, 0.0), weighted_mse(pred, target, weight))
+    assert torch.allclose(
+        masked_mse(pred, target, weight, ones, 0.0), weighted_mse(pred, target, weight)
+    )
 
 
 def test_unmasked_region_gets_unmasked_weight():
@@ -83,7 +85,9 @@ def test_mask_is_cached_and_flipped_with_the_image(make_recipe, style_dir, tmp_p
         plain = plan.latents.load(item_latent_key(item, plan, False))
         flipped = plan.latents.load(item_latent_key(item, plan, True))
         pixels, _, _, mask = prepare_image(item, "center", False, None)
-        assert mask.shape == (1, 64, 64) and mask[0, :, :16].min() == 1 and mask[0, :, 16:].max() == 0
+        assert (
+            mask.shape == (1, 64, 64) and mask[0, :, :16].min() == 1 and mask[0, :, 16:].max() == 0
+        )
         grid = masks.mask_to_grid(mask, plain["latents"].shape[-2:])
         assert torch.equal(plain["mask"], grid)  # cached on the latent grid (area average)
         assert torch.equal(flipped["mask"], torch.flip(grid, [-1]))
@@ -178,7 +182,9 @@ def test_white_masks_train_as_no_masks(make_recipe, style_dir, tmp_path):
     ).output_dir
     masked = run_training(
         make_recipe(
-            f"output.dir={tmp_path / 'masked'}", "data.cache=false", f"data.datasets.0.mask_dir={white}"
+            f"output.dir={tmp_path / 'masked'}",
+            "data.cache=false",
+            f"data.datasets.0.mask_dir={white}",
         )
     ).output_dir
     a, b = load_file(str(plain / WEIGHT_NAME)), load_file(str(masked / WEIGHT_NAME))

@@ -69,9 +69,10 @@ def test_ema_file_loads_and_keep_best_keeps_the_lowest(make_recipe, tmp_path):
     out = result.output_dir
     raw, ema = load_file(str(out / WEIGHT_NAME)), load_file(str(out / EMA_WEIGHT_NAME))
     assert raw.keys() == ema.keys() and any(not torch.equal(raw[k], ema[k]) for k in raw)
-    assert load_file(str(out / EMA_KOHYA_WEIGHT_NAME)).keys() == load_file(
-        str(out / "pytorch_lora_weights_kohya.safetensors")
-    ).keys()
+    assert (
+        load_file(str(out / EMA_KOHYA_WEIGHT_NAME)).keys()
+        == load_file(str(out / "pytorch_lora_weights_kohya.safetensors")).keys()
+    )
     pipe = load_pipeline("builtin:tiny-sd15")
     pipe.load_lora_weights(str(out), weight_name=EMA_WEIGHT_NAME)
     loaded = {k: v for k, v in pipe.unet.state_dict().items() if "lora_" in k}

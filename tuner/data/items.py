@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from tuner.data import masks
 from tuner.data.buckets import (
     bucket_histogram,
     make_buckets,
@@ -29,7 +30,6 @@ from tuner.data.buckets import (
     square_size,
 )
 from tuner.data.captions import process_caption
-from tuner.data import masks
 from tuner.data.images import BadImage, load_image
 from tuner.data.sources import Record, list_records
 from tuner.errors import TunerError

@@ -84,7 +84,9 @@ def per_sample_loss(recipe, family, comps, objective, batch, generator, accelera
         pred = family.predict(comps, inputs.noisy, inputs.timesteps, cond, batch)
     if "mask" in batch:  # masked loss (data.datasets[].mask_dir, data.alpha_mask)
         mask = batch["mask"].to(device, non_blocking=True)
-        per_sample = masked_mse(pred, inputs.target, inputs.weight, mask, recipe.data.unmasked_weight)
+        per_sample = masked_mse(
+            pred, inputs.target, inputs.weight, mask, recipe.data.unmasked_weight
+        )
     else:
         per_sample = weighted_mse(pred, inputs.target, inputs.weight)
     return per_sample

@@ -148,7 +148,9 @@ class Validation:
 
 
 def fixed_generator(item, draw: int, device) -> torch.Generator:
-    seed = int(hashlib.sha256(f"{item.image_hash}/{item.size}/{draw}".encode()).hexdigest()[:10], 16)  # small: streams() multiplies it
+    seed = int(
+        hashlib.sha256(f"{item.image_hash}/{item.size}/{draw}".encode()).hexdigest()[:10], 16
+    )  # small: streams() multiplies it
     return torch.Generator(device).manual_seed(seed)
 
 
