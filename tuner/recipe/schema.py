@@ -316,7 +316,7 @@ class Recipe(Section):
         has_mask_dir = any(e.mask_dir for e in data.datasets) or bool(
             self.dreambooth and self.dreambooth.mask_dir
         )
-        if "unmasked_weight" in data.model_fields_set and not (has_mask_dir or data.alpha_mask):
+        if data.unmasked_weight and not (has_mask_dir or data.alpha_mask):
             raise ValueError(
                 "data.unmasked_weight applies to masked loss only; set data.datasets[].mask_dir "
                 "or data.alpha_mask=true, or remove it"
