@@ -190,3 +190,11 @@ def test_white_masks_train_as_no_masks(make_recipe, style_dir, tmp_path):
     a, b = load_file(str(plain / WEIGHT_NAME)), load_file(str(masked / WEIGHT_NAME))
     assert a.keys() == b.keys()
     assert all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6) for k in a)
+
+
+def test_a_missing_mask_dir_is_one_line(make_recipe, tmp_path):
+    from tuner.errors import TunerError
+
+    recipe = make_recipe(f"data.datasets.0.mask_dir={tmp_path / 'nowhere'}")
+    with pytest.raises(TunerError, match="mask_dir .*nowhere is not a folder"):
+        collect_items(recipe.data)

@@ -78,6 +78,11 @@ def collect_items(
     for index, (entry, records) in enumerate(sources):
         if records is None:
             mask_dir = masks.mask_dir_of(entry)
+            if mask_dir and not os.path.isdir(os.path.expanduser(mask_dir)):
+                raise TunerError(
+                    f"{entry.path}: mask_dir {mask_dir} is not a folder; point it at the "
+                    "folder of masks (same stems as the images)"
+                )
             if mask_dir and os.path.realpath(mask_dir) == os.path.realpath(entry.path):
                 raise TunerError(
                     f"{entry.path}: mask_dir is the dataset folder itself; put the masks in "

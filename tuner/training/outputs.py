@@ -236,7 +236,7 @@ A LoRA adapter for `{recipe.model.path}` ({family.spec.name}), trained with tune
 - Rank {a.rank}, alpha {a.lora_alpha}{", DoRA" if a.dora else ""}; {steps} steps at lr {t.lr}
   ({t.optimizer}, {t.lr_scheduler}), batch {t.batch_size} x accumulation {t.grad_accum},
   mixed precision {t.mixed_precision}, resolution {recipe.data.resolution}
-- The full resolved recipe is in `recipe.yaml`.
+- The full resolved recipe is in `recipe.yaml`.{ema_line(recipe)}
 
 ## Samples (columns: adapter scale 0 = base model, then the trained adapter)
 
@@ -255,6 +255,15 @@ tuner: `tuner sample {recipe.model.path} --lora {recipe.output.dir}:0.8 --prompt
 
 {comfy_lines(recipe, family)}
 """
+
+
+def ema_line(recipe) -> str:
+    if recipe.train.ema is None:
+        return ""
+    return (
+        f"\n- `pytorch_lora_weights_ema.safetensors` (+ `_ema_kohya`): the moving average of "
+        f"the adapter (decay {recipe.train.ema.decay}), often smoother; the grid's `ema` column"
+    )
 
 
 def comfy_lines(recipe, family) -> str:

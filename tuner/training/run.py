@@ -17,6 +17,7 @@ from accelerate.utils import set_seed
 
 from tuner import families, files
 from tuner.adapters import lora
+from tuner.data.buckets import bucket_histogram
 from tuner.data.cache import CachePlan, TensorCache, build_cache, default_cache_dir
 from tuner.data.dataset import TrainDataset
 from tuner.data.items import collect_items, data_fingerprint
@@ -82,6 +83,8 @@ def run_training(recipe: Recipe, *, count_flops: bool = False) -> TrainingResult
     skip_dirs = {str(output_dir): "the output.dir"}
     items, report = collect_items(recipe.data, extra_sources, skip_dirs=skip_dirs)
     items, held_out = validation.held_out(recipe, items, skip_dirs)
+    if held_out and not isinstance(recipe.data.validation, list):  # the split left fewer
+        report.histogram = bucket_histogram([item.size for item in items])
     fingerprint = data_fingerprint(items)
     if is_main:
         log.info("%d training images in buckets:\n%s", len(items), report.histogram)
