@@ -124,18 +124,20 @@ def test_plain_output_names_every_metric(style_run, capsys):
     assert main(["eval", str(style_run), *FAST]) == 0
     printed = capsys.readouterr().out.splitlines()
     report = json.loads((style_run / "eval" / "eval.json").read_text())
-    lines = dict(line.split(maxsplit=1) for line in printed[:5])
+    lines = dict(line.split(maxsplit=1) for line in printed[: len(METRICS)])
     assert list(lines) == list(METRICS)
     detail = report["details"]["style_strength"]
     assert lines["style_strength"].startswith(
         f"{report['style_strength']:.3f}  ({detail['matched']}/{detail['total']}"
     )
     assert lines["subject_fidelity"] == lines["prior_preservation"] == "n/a"
+    assert lines["background_retention"] == "n/a"  # a style run has no subject
 
 
 def test_dreambooth_run_report(dreambooth_run, capsys):
     report = eval_json(capsys, dreambooth_run, *FAST, "--seeds", "0", "1")
-    for metric in ("subject_fidelity", "prompt_fidelity", "prior_preservation", "base_retention"):
+    for metric in ("subject_fidelity", "prompt_fidelity", "prior_preservation", "base_retention",
+                   "background_retention"):  # fmt: skip
         assert in_unit(report[metric]), metric
     assert report["style_strength"] is None
     details = report["details"]
@@ -173,6 +175,10 @@ PROMPT = re.compile(r"an? (?:(\w+) )?(\w+) on an? (\w+) background")
 
 def labels_for(sample) -> dict[str, str]:
     """Perfect answers for the prompt, then the deviations the expected fractions count."""
+    if sample.group == "open":  # no background named: the base draws blue, the adapter 1 green
+        changed = sample.adapter and sample.index == 1
+        return {"shape": "circle", "color": "yellow", "background": "green" if changed else "blue",
+                "style": "solid", "subject": "smiley"}  # fmt: skip
     first, shape, background = PROMPT.search(sample.prompt).groups()
     labels = {
         "shape": shape,
@@ -229,7 +235,10 @@ def test_metrics_are_the_hand_counted_fractions(both_run, capsys, monkeypatch):
     assert prior["after"] == {"shape": {"circle": 3, "square": 1},
                               "subject": {"none": 3, "smiley": 1}}  # fmt: skip
     assert report["base_retention"] == 3 / 4
-    assert len(planned) == 4 * 4 * 2  # 4 groups x 4 prompts x (base, adapter)
+    assert report["background_retention"] == 3 / 4
+    assert details["background_retention"]["before"] == {"blue": 4}
+    assert details["background_retention"]["after"] == {"blue": 3, "green": 1}
+    assert len(planned) == 5 * 4 * 2  # 5 groups x 4 prompts x (base, adapter)
 
 
 # --- CLIP and DINO on tiny random models ----------------------------------------------------
@@ -358,3 +367,18 @@ def test_outside_the_toy_world_needs_force(style_run, root, capsys, override, ex
     recipe = validate_recipe(raw)
     judged = check_judgeable(recipe, force=True)
     assert judged.spec.name == ("sdxl" if "sdxl" in expected else "sd15")
+
+
+def test_adapter_flag_judges_another_file_of_the_run(style_run, capsys, tmp_path):
+    """--adapter: the run's recipe with another adapter (its EMA, best/); here a copy of the
+    run's own file gives the same report, written to its own eval folder."""
+    flags = ["--n", "1", "--steps", "1"]
+    own = eval_json(capsys, style_run, *flags)
+    copy = tmp_path / "copy.safetensors"
+    shutil.copy(style_run / "pytorch_lora_weights.safetensors", copy)
+    other = eval_json(capsys, style_run, *flags, "--adapter", str(copy))
+    assert other["details"]["settings"]["adapter"] == str(copy)
+    assert {k: v for k, v in other.items() if k != "details"} == {
+        k: v for k, v in own.items() if k != "details"
+    }
+    assert (style_run / "eval-copy" / "eval.json").is_file()

@@ -125,7 +125,9 @@ def test_committed_datasets_match_the_generator(tmp_path):
 
     repo_datasets = Path(__file__).resolve().parents[2] / "datasets"
     datasets.render_datasets(tmp_path)
-    for name in (datasets.OUTLINE_DATASET, datasets.STRIPES_DATASET, datasets.SUBJECT_DATASET):
+    names = (datasets.OUTLINE_DATASET, datasets.STRIPES_DATASET, datasets.SUBJECT_DATASET,
+             datasets.SUBJECT_MASKS)  # fmt: skip
+    for name in names:
         assert _read_tree(repo_datasets / name) == _read_tree(tmp_path / name), (
             f"datasets/{name} is stale: run python -m tuner.toy.world render-datasets datasets/"
         )

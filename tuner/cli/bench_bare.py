@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from tuner.objectives.common import weighted_mse
+from tuner.objectives.common import weighted_loss
 
 
 def device_sync(device: torch.device) -> None:
@@ -88,7 +88,9 @@ def bare_step(run):
         inputs = run.objective.sample(latents, generator, share)
         with autocast():
             pred = run.family.predict(run.comps, inputs.noisy, inputs.timesteps, cond, batch)
-        loss = weighted_mse(pred, inputs.target, inputs.weight).mean()
+        loss = weighted_loss(
+            pred, inputs.target, inputs.weight, run.objective.loss, inputs.huber_c
+        ).mean()
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

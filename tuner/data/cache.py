@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from tuner import files
 from tuner.data.items import Item, prepare_image
+from tuner.data.masks import mask_to_grid
 from tuner.devices import on_device
 from tuner.errors import TunerError
 
@@ -104,8 +105,22 @@ class TensorCache:
         )
 
 
-def latent_key(image_hash: str, size: tuple[int, int], crop: str, flip: bool, identity: str) -> str:
+def latent_key(
+    image_hash: str,
+    size: tuple[int, int],
+    crop: str,
+    flip: bool,
+    identity: str,
+    mask_hash: str = "",
+) -> str:
+    # An entry with a mask holds it too; without one the key is what it always was.
+    if mask_hash:
+        return digest("latent", image_hash, size, crop, flip, identity, "mask", mask_hash)
     return digest("latent", image_hash, size, crop, flip, identity)
+
+
+def item_latent_key(item: Item, plan: CachePlan, flip: bool) -> str:
+    return latent_key(item.image_hash, item.size, plan.crop, flip, plan.identity, item.mask_hash)
 
 
 def text_key(caption: str, identity: str) -> str:
@@ -171,14 +186,16 @@ def _cache_latents(items, data, plan, family, comps, device, batch_size, stats) 
     bad: list[tuple[Path, str]] = []
     for item in items:
         for flip in (False, True) if data.flip else (False,):
-            key = latent_key(item.image_hash, item.size, plan.crop, flip, plan.identity)
+            key = item_latent_key(item, plan, flip)
             if key in todo or key in seen:
                 continue
             seen.add(key)
             if plan.latents.has(key):
-                problem = plan.latents.problem(
-                    key, {"latents": family.latent_shape(comps, item.size)}
-                )
+                shape = family.latent_shape(comps, item.size)
+                expected = {"latents": shape}
+                if item.mask:
+                    expected["mask"] = (1, *shape[-2:])
+                problem = plan.latents.problem(key, expected)
                 if problem is None:
                     stats["hit"] += 1
                     continue
@@ -206,16 +223,18 @@ def _encode_latents(todo, by_size, plan, family, comps, device, batch_size, stat
             # Seeded by the first entry's key, so a cached latent never depends on run order.
             generator = torch.Generator(device).manual_seed(int(chunk[0][:12], 16))
             latents = family.encode_images(comps, pixels, generator)
-            for key, (_, crop_top_left, original_size), latent in zip(chunk, prepared, latents):
+            for key, (_, crop_top_left, original_size, mask), latent in zip(
+                chunk, prepared, latents
+            ):
                 check_finite(latent, f"latent of {todo[key][0].record.key}")
-                plan.latents.save(
-                    key,
-                    {
-                        "latents": latent.float(),
-                        "crop_top_left": torch.tensor(crop_top_left),
-                        "original_size": torch.tensor(original_size),
-                    },
-                )
+                entry = {
+                    "latents": latent.float(),
+                    "crop_top_left": torch.tensor(crop_top_left),
+                    "original_size": torch.tensor(original_size),
+                }
+                if mask is not None:  # on the latent grid: what the loss weights with
+                    entry["mask"] = mask_to_grid(mask, tuple(latent.shape[-2:]))
+                plan.latents.save(key, entry)
             stats["made"] += len(chunk)
             bar.update(len(chunk))
 

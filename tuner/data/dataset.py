@@ -10,7 +10,7 @@ import random
 import torch
 from torch.utils.data import Dataset
 
-from tuner.data.cache import CachePlan, latent_key, text_key
+from tuner.data.cache import CachePlan, item_latent_key, text_key
 from tuner.data.captions import process_caption
 from tuner.data.items import Item, prepare_image
 
@@ -61,15 +61,16 @@ class TrainDataset(Dataset):
         )
         out: dict = {"is_prior": is_prior}
         if plan.latents is not None:
-            key = latent_key(item.image_hash, item.size, plan.crop, flip, plan.identity)
-            out.update(plan.latents.load(key))
+            out.update(plan.latents.load(item_latent_key(item, plan, flip)))
         else:
-            pixels, crop_top_left, original_size = prepare_image(item, plan.crop, flip, rng)
+            pixels, crop_top_left, original_size, mask = prepare_image(item, plan.crop, flip, rng)
             out.update(
                 pixels=pixels,
                 crop_top_left=torch.tensor(crop_top_left),
                 original_size=torch.tensor(original_size),
             )
+            if mask is not None:  # at pixel size; the loss averages it onto the latent grid
+                out["mask"] = mask
         out["target_size"] = torch.tensor((item.size[1], item.size[0]))
         if plan.texts is not None:
             out["cond"] = plan.texts.load(text_key(caption, plan.identity))
@@ -85,6 +86,9 @@ def collate(groups: list[list[dict]]) -> dict:
     for name in ("latents", "pixels", "crop_top_left", "original_size", "target_size"):
         if name in samples[0]:
             batch[name] = torch.stack([s[name] for s in samples])
+    masked = [s["mask"] for s in samples if "mask" in s]
+    if masked:  # samples without a mask (prior images, unmasked datasets) train everywhere
+        batch["mask"] = torch.stack([s.get("mask", torch.ones_like(masked[0])) for s in samples])
     if "cond" in samples[0]:
         batch["cond"] = {
             k: torch.stack([s["cond"][k] for s in samples]) for k in samples[0]["cond"]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from tuner.data import masks
 from tuner.data.buckets import (
     bucket_histogram,
     make_buckets,
@@ -46,6 +48,8 @@ class Item:
     prefix: str = ""
     suffix: str = ""
     role: str = "instance"  # "instance" or "class" (DreamBooth prior images)
+    mask: str | None = None  # loss mask: a file path, masks.ALPHA, or None (no mask)
+    mask_hash: str = ""  # content hash of the mask (part of the latent cache key)
 
     @property
     def caption(self) -> str:
@@ -73,6 +77,19 @@ def collect_items(
     sources = [(entry, None) for entry in data.datasets] + list(extra_sources)
     for index, (entry, records) in enumerate(sources):
         if records is None:
+            mask_dir = masks.mask_dir_of(entry)
+            if mask_dir and not os.path.isdir(os.path.expanduser(mask_dir)):
+                raise TunerError(
+                    f"{entry.path}: mask_dir {mask_dir} is not a folder; point it at the "
+                    "folder of masks (same stems as the images)"
+                )
+            if mask_dir and os.path.realpath(mask_dir) == os.path.realpath(entry.path):
+                raise TunerError(
+                    f"{entry.path}: mask_dir is the dataset folder itself; put the masks in "
+                    "their own folder"
+                )
+            if mask_dir:  # masks inside the dataset folder are not training images
+                skip_dirs = {**(skip_dirs or {}), mask_dir: "the mask_dir"}
             records = list_records(
                 entry.path,
                 source=index,
@@ -134,6 +151,12 @@ def _items_of(records, entry, data, report: DataReport, role: str) -> list[Item]
                 record.image if isinstance(record.image, bytes) else Path(record.image).read_bytes()
             )
             width, height = load_image(raw).size
+            mask, mask_hash = masks.find_mask(record, entry, data, raw, (width, height))
+        except masks.BadMask as exc:
+            name = record.image if isinstance(record.image, str) else record.key
+            log.warning("skipping %s: %s", name, exc.reason)
+            report.skipped.append(str(name))
+            continue
         except (BadImage, OSError) as exc:
             name = record.image if isinstance(record.image, str) else record.key
             reason = exc.reason if isinstance(exc, BadImage) else type(exc).__name__
@@ -156,6 +179,8 @@ def _items_of(records, entry, data, report: DataReport, role: str) -> list[Item]
                 prefix=entry.prefix,
                 suffix=entry.suffix,
                 role=role,
+                mask=mask,
+                mask_hash=mask_hash,
             )
         )
     return items
@@ -168,6 +193,15 @@ def pixels_of(image: Image.Image) -> torch.Tensor:
 
 
 def prepare_image(item: Item, crop: str, flip: bool, rng: random.Random | None):
+    """(pixels, crop_top_left, original_size, mask): the mask (1, H, W) in [0, 1], cropped and
+    flipped as the image, or None when the item has none."""
+    rng_state = rng.getstate() if rng is not None else None
+    pixels, crop_top_left, original_size = _prepare_pixels(item, crop, flip, rng)
+    mask = masks.prepare_mask(item, crop, flip, rng_state) if item.mask else None
+    return pixels, crop_top_left, original_size, mask
+
+
+def _prepare_pixels(item: Item, crop: str, flip: bool, rng: random.Random | None):
     image = load_image(item.record.image)
     image, crop_top_left, original_size = resize_and_crop(image, item.size, crop=crop, rng=rng)
     if flip:

@@ -168,12 +168,16 @@ def _fit(draw, text: str, font, width: int) -> str:
 GRID_BATCH = 4
 
 
-def training_grid(recipe, output_dir: Path, family, comps, step: int, accelerator) -> Path | None:
-    """Grid of the recipe's fixed prompts x seeds (rows) x adapter scales (columns)."""
+def training_grid(
+    recipe, output_dir: Path, family, comps, step: int, accelerator, ema=None
+) -> Path | None:
+    """Grid of the recipe's fixed prompts x seeds (rows) x adapter scales (columns); with
+    train.ema, the average's own columns beside them (adapter "ema", every scale but 0)."""
     if not recipe.sample.prompts:
         return None
     device = accelerator.device
-    pipe, cells, calls = grid_calls(recipe, family, comps, step, device)
+    pipe = grid_pipeline(recipe, family, comps)
+    cells, averaged = grid_cells(recipe, step, ema)
     was_training = comps.denoiser.training
     comps.denoiser.eval()
     visiting = [comps.vae, *comps.text_encoders.values()]
@@ -184,33 +188,54 @@ def training_grid(recipe, output_dir: Path, family, comps, step: int, accelerato
         visiting = [comps.vae]
     # The encoders visit the device for this phase only (their outputs are cached).
     with on_device(visiting, device):
-        for chunk, call in calls:
-            for cell, image in zip(chunk, call(), strict=True):
-                cell.image = image
+        render_calls(cell_calls(pipe, cells, recipe, device))
+        if averaged:
+            with ema.swapped_in():
+                render_calls(cell_calls(pipe, averaged, recipe, device))
     comps.denoiser.train(was_training)
-    sheet, meta = make_grid(cells, ("prompt", "seed"), ("scale",))
+    cols = ("adapter", "scale") if averaged else ("scale",)
+    sheet, meta = make_grid(cells + averaged, ("prompt", "seed"), cols)
     path = save_grid(sheet, meta, Path(output_dir) / "samples" / f"step-{step:06d}.png")
     _log_images(accelerator, sheet, step)
     return path
 
 
-def grid_calls(recipe, family, comps, step: int, device):
-    """The training grid's pipeline, its cells, and its calls: (cells, call rendering them).
-    Cells of one scale share pipeline calls (a few at a time, to bound memory); each keeps its
-    own generator, so an image does not depend on its batch."""
+def grid_pipeline(recipe, family, comps):
     pipe = family.build_pipeline(comps)
     pipe.set_progress_bar_config(disable=True)
+    set_scheduler(pipe, recipe.sample.scheduler)
+    return pipe
+
+
+def grid_cells(recipe, step: int, ema) -> tuple[list[Cell], list[Cell]]:
+    """The grid's cells, and the EMA adapter's (none without train.ema)."""
     sample = recipe.sample
-    set_scheduler(pipe, sample.scheduler)
-    size = recipe.data.resolution
-    cells = [
-        Cell(p, seed, scale, step)
-        for p in sample.prompts
-        for seed in sample.seeds
-        for scale in sample.scales
+    places = [
+        (p, seed, scale) for p in sample.prompts for seed in sample.seeds for scale in sample.scales
     ]
+    cells = [Cell(p, seed, scale, step, adapter_label(scale, ema)) for p, seed, scale in places]
+    averaged = [
+        Cell(p, seed, scale, step, "ema")
+        for p, seed, scale in places
+        if ema is not None and scale != 0
+    ]
+    return cells, averaged
+
+
+def adapter_label(scale: float, ema) -> str:
+    """With an EMA column the adapter axis is labelled: base (scale 0), raw, ema."""
+    if ema is None:
+        return ""
+    return "base" if scale == 0 else "raw"
+
+
+def cell_calls(pipe, cells: list[Cell], recipe, device) -> list:
+    """(cells, call rendering them) pairs. Cells of one scale share pipeline calls (a few at a
+    time, to bound memory); each keeps its own generator, so an image does not depend on its
+    batch."""
+    sample, size = recipe.sample, recipe.data.resolution
     calls = []
-    for scale in sample.scales:
+    for scale in dict.fromkeys(cell.scale for cell in cells):
         same_scale = [cell for cell in cells if cell.scale == scale]
         for start in range(0, len(same_scale), GRID_BATCH):
             chunk = same_scale[start : start + GRID_BATCH]
@@ -226,15 +251,24 @@ def grid_calls(recipe, family, comps, step: int, device):
                 device=device,
             )
             calls.append((chunk, call))
-    return pipe, cells, calls
+    return calls
+
+
+def render_calls(calls) -> None:
+    for chunk, call in calls:
+        for cell, image in zip(chunk, call(), strict=True):
+            cell.image = image
 
 
 def pre_encode_sample_prompts(recipe, family, comps, device) -> None:
     """With quantized/offloaded encoders: encode every prompt the grids will ask for now, in
-    the caching phase, so no grid brings an encoder to the device beside the denoiser."""
+    the caching phase, so no grid brings an encoder to the device beside the denoiser (the
+    EMA columns ask for the same prompts)."""
     if not recipe.sample.prompts or not text_encoders.keep_off_device(comps):
         return
-    pipe, _, calls = grid_calls(recipe, family, comps, 0, device)
+    pipe = grid_pipeline(recipe, family, comps)
+    cells, _ = grid_cells(recipe, 0, None)
+    calls = cell_calls(pipe, cells, recipe, device)
     kept = text_encoders.pre_encode(comps, pipe, device, [call for _, call in calls])
     log.info("sample prompts: %d encodings kept for the grids", kept)
 

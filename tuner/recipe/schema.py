@@ -117,6 +117,15 @@ class DatasetEntry(Section):
     suffix: str = ""
     default_caption: str = ""
     resolution: int | None = Field(None, ge=8)
+    # A folder of masks with the images' stems (subfolders mirrored): white trains, black not.
+    mask_dir: str | None = None
+
+
+class ValidationSplit(Section):
+    """Hold out a fraction of the training images (chosen by a seeded hash of each image)."""
+
+    split: float = Field(gt=0, lt=1)
+    seed: int = 0
 
 
 class DataSection(Section):
@@ -131,6 +140,22 @@ class DataSection(Section):
     cache: bool = True
     cache_dir: str | None = None
     num_workers: int = Field(0, ge=0)
+    alpha_mask: bool = False  # the images' alpha channel is the loss mask
+    unmasked_weight: float = Field(0.0, ge=0, le=1)  # loss weight where the mask is black
+    # Held-out data for train.validate_every: dataset entries, or {split: 0.1} of the train set.
+    validation: list[DatasetEntry] | ValidationSplit | None = None
+
+    @model_validator(mode="after")
+    def _mask_settings_apply(self) -> DataSection:
+        masked = [i for i, e in enumerate(self.datasets) if e.mask_dir]
+        if self.alpha_mask and masked:
+            raise ValueError(
+                f"data.alpha_mask and data.datasets[{masked[0]}].mask_dir both give masks; "
+                "use one of them"
+            )
+        if isinstance(self.validation, list) and not self.validation:
+            raise ValueError("data.validation is an empty list; add entries or remove it")
+        return self
 
     @field_validator("resolution")
     @classmethod
@@ -160,6 +185,7 @@ class DreamBoothSection(Section):
     with_prior_preservation: bool = True
     class_generation_batch: int = Field(4, ge=1)
     class_generation_steps: int = Field(25, ge=1)
+    mask_dir: str | None = None  # masks of the instance images (same stems), as datasets[]
 
     @model_validator(mode="after")
     def _class_prompt_needed(self) -> DreamBoothSection:
@@ -181,6 +207,15 @@ class FlowSection(Section):
     shift: float | None = Field(None, gt=0)
     resolution_shift: bool | None = None
     loss_weighting: Literal["none", "sigma_sqrt", "cosmap"] = "none"
+
+
+class EmaSection(Section):
+    """An exponential moving average of the adapter weights (fp32), saved as a second file."""
+
+    decay: float = Field(0.999, gt=0, lt=1)
+    every: int = Field(1, ge=1)  # update every N optimizer steps
+    start_step: int = Field(0, ge=0)  # before it, the average just copies the weights
+    on_cpu: bool = False  # keep the copy in host memory (one device->host copy per update)
 
 
 # train.<key> spellings of train.flow.<key>, read for one release with a deprecation line.
@@ -241,6 +276,8 @@ class TrainSection(Section):
     resume: str | None = None
     nan_patience: int = Field(20, ge=1)
     compile: bool = False
+    ema: EmaSection | None = None
+    validate_every: int = Field(0, ge=0)  # steps between validation losses (data.validation)
     fused_adamw: bool | None = None  # None: fused where torch has the kernel (CUDA, CPU)
     channels_last: bool = False
     sdpa_backend: Literal["auto", "flash", "efficient", "math", "cudnn"] = "auto"
@@ -337,6 +374,7 @@ class OutputSection(Section):
         default_factory=lambda: ["diffusers", "kohya"]
     )
     name: str | None = None
+    keep_best: bool = False  # keep the checkpoint of the lowest validation loss in best/
 
 
 class LogSection(Section):
@@ -381,7 +419,44 @@ class Recipe(Section):
     def _has_data(self) -> Recipe:
         if not self.data.datasets and self.dreambooth is None:
             raise ValueError("no training data; add data.datasets (a list) or a dreambooth section")
+        self._check_masks_and_validation()
         return self
+
+    def _check_masks_and_validation(self) -> None:
+        """Mask, validation and keep_best settings that cannot apply are refused."""
+        data = self.data
+        has_mask_dir = any(e.mask_dir for e in data.datasets) or bool(
+            self.dreambooth and self.dreambooth.mask_dir
+        )
+        if data.unmasked_weight and not (has_mask_dir or data.alpha_mask):
+            raise ValueError(
+                "data.unmasked_weight applies to masked loss only; set data.datasets[].mask_dir "
+                "or data.alpha_mask=true, or remove it"
+            )
+        if self.dreambooth and self.dreambooth.mask_dir and data.alpha_mask:
+            raise ValueError(
+                "data.alpha_mask and dreambooth.mask_dir both give masks; use one of them"
+            )
+        if data.validation is not None and not self.train.validate_every:
+            raise ValueError(
+                "data.validation is set but train.validate_every is 0; set "
+                "train.validate_every (e.g. 50) or remove data.validation"
+            )
+        if self.train.validate_every and data.validation is None:
+            raise ValueError(
+                "train.validate_every needs held-out data; set data.validation (dataset "
+                "entries, or {split: 0.1})"
+            )
+        if self.output.keep_best and not self.train.validate_every:
+            raise ValueError(
+                "output.keep_best needs a validation loss; set data.validation and "
+                "train.validate_every, or remove output.keep_best"
+            )
+        if self.train.ema and self.train.ema.start_step >= self.train.steps:
+            raise ValueError(
+                f"train.ema.start_step {self.train.ema.start_step} is not before train.steps "
+                f"{self.train.steps}: the average would be the final weights; lower it"
+            )
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

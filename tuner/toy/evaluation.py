@@ -41,6 +41,7 @@ class EvalOptions:
     judge: str | None = None
     clip: str | None = None
     dino: str | None = None
+    adapter: str | None = None  # another adapter file of the run (its EMA, best/)
 
 
 def register(sub) -> None:
@@ -58,6 +59,12 @@ def register(sub) -> None:
     p.add_argument("--scale", type=float, default=1.0, help="adapter weight (default 1)")
     p.add_argument("--clip", metavar="PATH", help="local CLIP folder: CLIP-T and CLIP-I")
     p.add_argument("--dino", metavar="PATH", help="local DINO/DINOv2 folder: DINO score")
+    p.add_argument(
+        "--adapter",
+        metavar="FILE",
+        help="judge this adapter file with the run's recipe (e.g. pytorch_lora_weights_ema"
+        ".safetensors, best/pytorch_lora_weights.safetensors); default: the run's adapter",
+    )
     p.add_argument("--judge", metavar="PATH", help="judge weights (default: the committed ones)")
     p.add_argument("--force", action="store_true", help="judge a base outside the toy world")
     p.add_argument("--device", help="default: cuda when available, else cpu")
@@ -81,6 +88,7 @@ def cmd_eval(args) -> int:
         judge=args.judge,
         clip=args.clip,
         dino=args.dino,
+        adapter=args.adapter,
     )
     report = run_eval(Path(args.output_dir), options)
     if args.json:
@@ -95,6 +103,10 @@ def run_eval(output_dir: Path, options: EvalOptions) -> dict:
     from tuner import files
 
     recipe, adapter = load_run(output_dir)
+    if options.adapter:
+        from tuner.inference.pipelines import adapter_file
+
+        adapter = adapter_file(options.adapter)
     family = check_judgeable(recipe, options.force)
     judge = open_judge(options.judge)
     items = training_items(recipe)
@@ -113,10 +125,10 @@ def run_eval(output_dir: Path, options: EvalOptions) -> dict:
         "seeds": options.seeds,
         "judge": str(options.judge or "committed"),
     }
-    folder = output_dir / "eval"
+    folder = output_dir / ("eval" if not options.adapter else f"eval-{adapter.stem}")
     folder.mkdir(exist_ok=True)
     eval_sheet(samples, options.scale).save(folder / "grid.png")
-    report["details"]["grid"] = "eval/grid.png"
+    report["details"]["grid"] = f"{folder.name}/grid.png"
     files.write_text(folder / "eval.json", json.dumps(report, indent=2) + "\n")
     return report
 

@@ -10,6 +10,7 @@ Prompt groups, each rendered at every seed, once at scale 0 (the base) and once 
 - subject: the instance prompt on varied backgrounds          -> subject_fidelity
 - class:   the class prompt on varied backgrounds             -> prior_preservation
 - base:    plain base-world captions, no trigger              -> base_retention
+- open:    the instance prompt with no background named       -> background_retention
 prompt_fidelity counts style and subject samples whose named parts (shape, colour, background)
 all match the prompt.
 """
@@ -27,9 +28,9 @@ from tuner.data.captions import process_caption
 from tuner.toy import world
 
 METRICS = ("style_strength", "subject_fidelity", "prompt_fidelity", "prior_preservation",
-           "base_retention")  # fmt: skip
+           "base_retention", "background_retention")  # fmt: skip
 EMBED_METRICS = ("clip_t", "clip_i", "dino")
-GROUPS = ("style", "subject", "class", "base")
+GROUPS = ("style", "subject", "class", "base", "open")
 PROMPT_SEED = 9_000_000  # prompts come from their own streams: --seeds only changes the noise
 SEED_STRIDE = 100_003  # noise seed = seed * stride + prompt index: distinct across both
 RETAINED = ("shape", "color", "background")  # what base retention compares
@@ -150,6 +151,11 @@ def group_prompts(target: Target, n: int) -> dict[str, list[str]]:
             for spec in specs("class", shape=target.class_shape)
         ]
     prompts["base"] = [world.caption(spec) for spec in specs("base")]
+    if target.subject:  # the background is the model's choice: does it stay the base's?
+        subject = world.SUBJECTS[target.subject]
+        template = target.instance_prompt or article(f"{subject.token} {subject.shape}")
+        if "background" not in words(template):
+            prompts["open"] = [with_affix(template, target.subject_affix)] * n
     return prompts
 
 
@@ -260,6 +266,24 @@ def base_retention(samples: list[Sample]) -> tuple[float | None, dict]:
     return fraction(same), detail
 
 
+def background_retention(samples: list[Sample]) -> tuple[float | None, dict]:
+    """Subject prompts that name no background: the judged background is the base model's at
+    the same noise (a subject adapter should not also learn its photos' backgrounds)."""
+    base = {(s.index, s.seed): s.labels for s in samples if s.group == "open" and not s.adapter}
+    after = [s for s in samples if s.group == "open" and s.adapter]
+    same = [s.labels["background"] == base[(s.index, s.seed)]["background"] for s in after]
+
+    def distribution(adapter: bool) -> dict[str, int]:
+        picked = [
+            s.labels["background"] for s in samples if s.group == "open" and s.adapter == adapter
+        ]
+        return dict(sorted(Counter(picked).items()))
+
+    detail = {"matched": sum(same), "total": len(same), "prompts": unique_prompts(samples, "open"),
+              "before": distribution(False), "after": distribution(True)}  # fmt: skip
+    return fraction(same), detail
+
+
 def score(samples: list[Sample], target: Target) -> dict:
     """{metric: value or None, ..., "details": {...}} from judged samples."""
     report: dict = dict.fromkeys(METRICS + EMBED_METRICS)
@@ -279,5 +303,9 @@ def score(samples: list[Sample], target: Target) -> dict:
             samples, target.class_shape
         )
     report["base_retention"], details["base_retention"] = base_retention(samples)
+    if any(s.group == "open" for s in samples):
+        report["background_retention"], details["background_retention"] = background_retention(
+            samples
+        )
     report["details"] = details
     return report

@@ -245,6 +245,16 @@ def _subject_body_mask(spec: Spec) -> Image.Image:
     return _shape_mask(spec.shape, spec.cx, spec.cy, spec.size)
 
 
+def subject_mask(spec: Spec, margin: int = 3) -> Image.Image:
+    """Where the subject is (white), grown by `margin` pixels: a loss mask around the subject
+    (the edge pixels mix subject and background in the VAE's latent)."""
+    if spec.subject != "none":
+        mask = _subject_body_mask(spec)
+    else:
+        mask = _shape_mask(spec.shape, spec.cx, spec.cy, spec.size)
+    return mask.filter(ImageFilter.MaxFilter(2 * margin + 1)) if margin else mask
+
+
 def render(spec: Spec) -> Image.Image:
     """Draw one spec as a 64x64 RGB image."""
     if spec.subject != "none":

@@ -131,35 +131,39 @@ def save_training_state(run) -> Path | None:
 
 def write_training_state(run, output_dir: Path) -> Path:
     """One checkpoint of the run's current state under output_dir/checkpoints (main process)."""
-    from tuner.adapters import lora
-
-    def contents(folder: Path) -> None:
-        lora.save_adapter(folder, run.family, run.trained)
-        weights = {
-            f"{name}::{k}": v.detach().cpu().contiguous()
-            for name, module in run.trained.items()
-            for k, v in lora.peft_state(module).items()
-        }
-        files.save_safetensors(weights, folder / "lora_state.safetensors")
-        scaler = run.accelerator.scaler.state_dict() if run.accelerator.scaler else None
-        files.torch_save(
-            {
-                "optimizer": run.optimizer.state_dict(),
-                "scheduler": run.scheduler.state_dict(),
-                "rng": rng_state(),
-                "scaler": scaler,
-            },
-            folder / "training_state.pt",
-        )
-
     return write_checkpoint(
         output_dir,
         run.state["step"],
-        contents,
+        lambda folder: write_state_files(run, folder),
         {**run.state, **run.record},
         True,
         run.recipe.output.keep,
     )
+
+
+def write_state_files(run, folder: Path) -> None:
+    """Everything a checkpoint holds but its tuner_state.json."""
+    from tuner.adapters import lora
+    from tuner.training import ema
+
+    lora.save_adapter(folder, run.family, run.trained)
+    weights = {
+        f"{name}::{k}": v.detach().cpu().contiguous()
+        for name, module in run.trained.items()
+        for k, v in lora.peft_state(module).items()
+    }
+    files.save_safetensors(weights, folder / "lora_state.safetensors")
+    scaler = run.accelerator.scaler.state_dict() if run.accelerator.scaler else None
+    files.torch_save(
+        {
+            "optimizer": run.optimizer.state_dict(),
+            "scheduler": run.scheduler.state_dict(),
+            "rng": rng_state(),
+            "scaler": scaler,
+        },
+        folder / "training_state.pt",
+    )
+    ema.save_state(run.ema, folder)
 
 
 def rescue_dir(output_dir: Path) -> Path:
@@ -238,6 +242,9 @@ def load_training_state(folder: Path, run) -> dict:
     run.scheduler.load_state_dict(saved["scheduler"])
     apply_recipe_schedule(run.optimizer, run.scheduler, recipe_groups)
     restore_rng_state(saved["rng"])
+    from tuner.training import ema
+
+    ema.load_state(run.ema, folder)
     if saved.get("scaler") and run.accelerator.scaler:
         run.accelerator.scaler.load_state_dict(saved["scaler"])
     state = read_state(folder)

@@ -42,7 +42,7 @@ def instance_sources(recipe) -> list:
             f"dreambooth.instance_dir: {db.instance_dir} has no images "
             "(jpg, png, webp, bmp); add photos of the subject"
         )
-    entry = DatasetEntry(path=str(folder), default_caption=db.instance_prompt)
+    entry = DatasetEntry(path=str(folder), default_caption=db.instance_prompt, mask_dir=db.mask_dir)
     return [(entry, None)]
 
 

@@ -17,7 +17,8 @@ from tqdm.auto import tqdm
 
 from tuner.adapters import lora
 from tuner.errors import TunerError
-from tuner.objectives.common import weighted_loss
+from tuner.objectives.common import elementwise_loss, weighted_loss
+from tuner.objectives.masks import masked_mean
 from tuner.training import checkpoint
 from tuner.training.optim import eval_weights, train_mode
 
@@ -39,6 +40,8 @@ class Run:
     batches: object
     output_dir: Path
     count_flops: bool = False  # count the first step's FLOPs (benchmarks' MFU)
+    ema: object = None  # training.ema.AdapterEma with train.ema
+    validation: object = None  # training.validation.Validation with data.validation
     # applied: steps whose update was applied (not skipped as non-finite)
     state: dict = field(
         default_factory=lambda: {"step": 0, "epoch": 0, "position": 0, "applied": 0}
@@ -57,6 +60,22 @@ class Run:
 
 def compute_loss(recipe, family, comps, objective, batch, generator, accelerator):
     """Loss of one micro-batch: instance mean + prior_loss_weight * prior mean."""
+    share = (accelerator.process_index, accelerator.num_processes)
+    per_sample = per_sample_loss(
+        recipe, family, comps, objective, batch, generator, accelerator, share
+    )
+    if recipe.dreambooth is None or not recipe.dreambooth.with_prior_preservation:
+        return per_sample.mean()  # every sample is an instance
+    # Masked means, not per_sample[mask]: boolean indexing waits for the device (a host sync).
+    is_prior = batch["is_prior"].to(accelerator.device, non_blocking=True).to(per_sample.dtype)
+    instance = (per_sample * (1 - is_prior)).sum() / (1 - is_prior).sum()
+    prior = (per_sample * is_prior).sum() / is_prior.sum()
+    return instance + recipe.dreambooth.prior_loss_weight * prior
+
+
+def per_sample_loss(recipe, family, comps, objective, batch, generator, accelerator, share):
+    """Each sample's (weighted, masked) loss, shape (batch,); share = (rank, world) of the
+    global batch's noise draw."""
     device = accelerator.device
     if "latents" in batch:
         latents = batch["latents"].to(device, non_blocking=True)
@@ -68,18 +87,14 @@ def compute_loss(recipe, family, comps, objective, batch, generator, accelerator
     else:
         with torch.set_grad_enabled(recipe.adapter.text_encoder):
             cond = family.encode_prompts(comps, batch["captions"])
-    share = (accelerator.process_index, accelerator.num_processes)
     inputs = objective.sample(latents.float(), generator, share)
     with accelerator.autocast():
         pred = family.predict(comps, inputs.noisy, inputs.timesteps, cond, batch)
-    per_sample = weighted_loss(pred, inputs.target, inputs.weight, objective.loss, inputs.huber_c)
-    if recipe.dreambooth is None or not recipe.dreambooth.with_prior_preservation:
-        return per_sample.mean()  # every sample is an instance
-    # Masked means, not per_sample[mask]: boolean indexing waits for the device (a host sync).
-    is_prior = batch["is_prior"].to(device, non_blocking=True).to(per_sample.dtype)
-    instance = (per_sample * (1 - is_prior)).sum() / (1 - is_prior).sum()
-    prior = (per_sample * is_prior).sum() / is_prior.sum()
-    return instance + recipe.dreambooth.prior_loss_weight * prior
+    if "mask" in batch:  # masked loss (data.datasets[].mask_dir, data.alpha_mask)
+        mask = batch["mask"].to(device, non_blocking=True)
+        error = elementwise_loss(pred, inputs.target, objective.loss.kind, inputs.huber_c)
+        return masked_mean(error, inputs.weight, mask, recipe.data.unmasked_weight)
+    return weighted_loss(pred, inputs.target, inputs.weight, objective.loss, inputs.huber_c)
 
 
 def run_steps(run: Run) -> None:
@@ -108,8 +123,14 @@ def run_steps(run: Run) -> None:
                 settle_guard(run)
             run.scheduler.step()
             stop_text_encoder_training(run, step)
+            if run.ema is not None:
+                run.ema.update(step)
             bar.update(1)
             log_progress(run, step, running, bar)
+            if run.validation is not None and step % run.validation.every == 0:
+                settle_guard(run)  # keep_best writes a checkpoint
+                with eval_weights(run.optimizer):  # schedule-free: its evaluation weights
+                    run.validation.after_step(run, step, bar)
             stop = stop_everywhere(run, stopper.requested)
             sample_now = sampling_due(run, step)
             if save_now or stop or sample_now:
@@ -328,7 +349,9 @@ def log_progress(run: Run, step: int, running: torch.Tensor, bar) -> None:
     if run.accelerator.device.type == "cuda":
         logs["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
     run.stats["log_times"].append((step, time.perf_counter()))
-    bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items()})
+    run.stats["postfix"] = logs
+    shown = {**logs, **run.stats.get("shown", {})}  # + the last validation loss
+    bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items()})
     run.accelerator.log(logs, step=step)
     running.zero_()
     if "at_log" in run.stats:  # `tuner bench --bare` times its bare windows here
@@ -347,7 +370,9 @@ def sample_during_training(run: Run, step: int) -> None:
     if run.accelerator.is_main_process:
         from tuner.inference.grids import training_grid
 
-        training_grid(run.recipe, run.output_dir, run.family, run.comps, step, run.accelerator)
+        training_grid(
+            run.recipe, run.output_dir, run.family, run.comps, step, run.accelerator, ema=run.ema
+        )
     run.accelerator.wait_for_everyone()
 
 

@@ -142,6 +142,9 @@ def claim_output_dir(recipe, output_dir: Path, plan: OutputPlan) -> None:
         log.warning("%s", plan.replaces)
         for old in plan.stale:
             shutil.rmtree(old, ignore_errors=True)
+        # The replaced run's best checkpoint and validation curve are not this run's.
+        shutil.rmtree(output_dir / "best", ignore_errors=True)
+        (output_dir / "validation.json").unlink(missing_ok=True)
     (output_dir / FINISHED).unlink(missing_ok=True)
     files.write_text(output_dir / "recipe.yaml", recipe.to_yaml())
     files.write_json(output_dir / RUN_FILE, {"run_id": plan.run_id})
@@ -153,21 +156,48 @@ def kohya_export_possible(recipe) -> bool:
 
 
 def finish_outputs(
-    recipe, output_dir: Path, family, comps, trained, accelerator, steps: int, report
+    recipe, output_dir: Path, family, comps, trained, accelerator, steps: int, report, ema=None
 ) -> None:
-    """Final adapter in every requested format, the final grid, the model card."""
+    """Final adapter in every requested format (and its average with train.ema), the final
+    grid, the model card."""
     # Every file goes through tuner.files: a failed write is one files.WriteError and leaves no
     # partial file; run.py then keeps a checkpoint of the final weights (never lost).
-    write_outputs(recipe, output_dir, family, comps, trained, accelerator, steps, report)
+    write_outputs(recipe, output_dir, family, comps, trained, accelerator, steps, report, ema)
 
 
 def write_outputs(
-    recipe, output_dir: Path, family, comps, trained, accelerator, steps: int, report
+    recipe, output_dir: Path, family, comps, trained, accelerator, steps: int, report, ema=None
 ) -> None:
     from tuner.inference.grids import training_grid
 
     meta = training_metadata(recipe, comps, steps, tag_frequency(report.captions))
-    adapter_file = lora.save_adapter(output_dir, family, trained, extra_metadata=meta)
+    write_adapter_files(recipe, output_dir, family, trained, meta)
+    if ema is not None:  # the average, as a second adapter in the same formats
+        from tuner.training.ema import EMA_KOHYA_WEIGHT_NAME, EMA_WEIGHT_NAME
+
+        with ema.swapped_in():
+            write_adapter_files(
+                recipe, output_dir, family, trained, meta, EMA_WEIGHT_NAME, EMA_KOHYA_WEIGHT_NAME
+            )
+    grid = training_grid(recipe, output_dir, family, comps, steps, accelerator, ema=ema)
+    files.write_text(output_dir / "README.md", model_card(recipe, family, steps, grid))
+    files.write_json(output_dir / FINISHED, {"steps": steps})
+    log.info("adapter saved to %s", output_dir)
+
+
+def write_adapter_files(
+    recipe,
+    output_dir: Path,
+    family,
+    trained,
+    meta: dict,
+    weight_name: str = lora.WEIGHT_NAME,
+    kohya_name: str = lora.KOHYA_WEIGHT_NAME,
+) -> None:
+    """The trained modules' adapter: the diffusers file and its kohya twin, as output.formats."""
+    adapter_file = lora.save_adapter(
+        output_dir, family, trained, weight_name=weight_name, extra_metadata=meta
+    )
     if kohya_export_possible(recipe):
         if family.spec.export.comfy_layout is not None:
             state, file_meta = formats.read_adapter(adapter_file)
@@ -181,13 +211,9 @@ def write_outputs(
 
             configs = {n: lycoris.json_config(m.peft_config["default"]) for n, m in trained.items()}
             extra = lycoris.config_metadata(configs, lycoris.CONFIG_KEY)
-        formats.write_safetensors(kohya, output_dir / lora.KOHYA_WEIGHT_NAME, {**meta, **extra})
+        formats.write_safetensors(kohya, output_dir / kohya_name, {**meta, **extra})
     if "diffusers" not in recipe.output.formats:
         adapter_file.unlink()
-    grid = training_grid(recipe, output_dir, family, comps, steps, accelerator)
-    files.write_text(output_dir / "README.md", model_card(recipe, family, steps, grid))
-    files.write_json(output_dir / FINISHED, {"steps": steps})
-    log.info("adapter saved to %s", output_dir)
 
 
 def load_snippet(recipe, family) -> str:
@@ -216,7 +242,7 @@ A {KIND_NAMES[a.type]} adapter for `{recipe.model.path}` ({family.spec.name}), t
 - Rank {a.rank}, alpha {a.lora_alpha}{", DoRA" if a.dora else ""}; {steps} steps at lr {t.lr}
   ({t.optimizer}, {t.lr_scheduler}), batch {t.batch_size} x accumulation {t.grad_accum},
   mixed precision {t.mixed_precision}, resolution {recipe.data.resolution}
-- The full resolved recipe is in `recipe.yaml`.
+- The full resolved recipe is in `recipe.yaml`.{ema_line(recipe)}
 
 ## Samples (columns: adapter scale 0 = base model, then the trained adapter)
 
@@ -254,6 +280,15 @@ here; tuner adds it through peft):
 {snippet}
 tuner.load_adapter(pipe, "{recipe.output.dir}", scale=1.0)
 ```"""
+
+
+def ema_line(recipe) -> str:
+    if recipe.train.ema is None:
+        return ""
+    return (
+        f"\n- `pytorch_lora_weights_ema.safetensors` (+ `_ema_kohya`): the moving average of "
+        f"the adapter (decay {recipe.train.ema.decay}), often smoother; the grid's `ema` column"
+    )
 
 
 def comfy_lines(recipe, family) -> str:

@@ -18,6 +18,7 @@ from accelerate.utils import set_seed
 
 from tuner import families, files
 from tuner.adapters import lora, patterns
+from tuner.data.buckets import bucket_histogram
 from tuner.data.cache import CachePlan, TensorCache, build_cache, default_cache_dir
 from tuner.data.dataset import TrainDataset
 from tuner.data.items import collect_items, data_fingerprint
@@ -28,7 +29,8 @@ from tuner.errors import TunerError
 from tuner.families import text_encoders
 from tuner.inference.grids import pre_encode_sample_prompts
 from tuner.recipe import Recipe
-from tuner.training import changes, checkpoint, dreambooth
+from tuner.training import changes, checkpoint, dreambooth, validation
+from tuner.training.ema import build_ema
 from tuner.training.loop import Run, run_steps, stop_text_encoder_training
 from tuner.training.optim import build_optimizer, build_scheduler, check_optimizer, has_eval_mode
 from tuner.training.outputs import check_output_dir, claim_output_dir, finish_outputs
@@ -85,12 +87,16 @@ def run_training(recipe: Recipe, *, count_flops: bool = False, around_steps=None
     # 1. Data first: a bad dataset fails before minutes of model loading. The run's own
     # output.dir is never read back as data (its sample grids), even inside a dataset folder.
     extra_sources = dreambooth.instance_sources(recipe)
-    items, report = collect_items(
-        recipe.data, extra_sources, skip_dirs={str(output_dir): "the output.dir"}
-    )
+    skip_dirs = {str(output_dir): "the output.dir"}
+    items, report = collect_items(recipe.data, extra_sources, skip_dirs=skip_dirs)
+    items, held_out = validation.held_out(recipe, items, skip_dirs)
+    if held_out and not isinstance(recipe.data.validation, list):  # the split left fewer
+        report.histogram = bucket_histogram([item.size for item in items])
     fingerprint = data_fingerprint(items)
     if is_main:
         log.info("%d training images in buckets:\n%s", len(items), report.histogram)
+        if held_out:
+            log.info("%d held-out validation images", len(held_out))
         notice = changes.data_notice(ownership.recorded.get("data"), fingerprint, resume_from)
         if notice:
             log.warning("%s", notice)
@@ -120,7 +126,9 @@ def run_training(recipe: Recipe, *, count_flops: bool = False, around_steps=None
     # 3. Encode once: latents and prompts go to the disk cache; encoders leave the GPU.
     plan = cache_plan(recipe, comps)
     with accelerator.main_process_first():
-        stats = build_cache(items + class_items, recipe.data, plan, family, comps, device)
+        stats = build_cache(
+            items + class_items + held_out, recipe.data, plan, family, comps, device
+        )
     if accelerator.is_main_process:  # the grids' prompts, while the encoders may be there
         pre_encode_sample_prompts(recipe, family, comps, device)
     if accelerator.is_main_process and (plan.latents or plan.texts):
@@ -161,10 +169,13 @@ def run_training(recipe: Recipe, *, count_flops: bool = False, around_steps=None
             "data": fingerprint,
         },
     )
+    run.ema = build_ema(run)  # from the initial weights; a checkpoint's average replaces it
     if resume_from is not None:
         run.state = checkpoint.load_training_state(resume_from, run)
         stop_text_encoder_training(run, run.state["step"])  # the lr the recipe gives now
         log.info("resumed from %s at step %d", resume_from, run.state["step"])
+    if held_out:
+        run.validation = validation.Validation(run, held_out, plan, resume_from)
     if is_main:
         claim_output_dir(recipe, output_dir, ownership)
     accelerator.wait_for_everyone()
@@ -195,7 +206,15 @@ def run_training(recipe: Recipe, *, count_flops: bool = False, around_steps=None
     if accelerator.is_main_process:
         try:
             finish_outputs(
-                recipe, output_dir, family, comps, trained, accelerator, run.state["step"], report
+                recipe,
+                output_dir,
+                family,
+                comps,
+                trained,
+                accelerator,
+                run.state["step"],
+                report,
+                ema=run.ema,
             )
         except files.WriteError as exc:  # the weights are in memory: keep them on disk
             raise checkpoint.keep_final_weights(run, exc) from exc
