@@ -117,11 +117,11 @@ def test_training_with_an_nf4_encoder_never_brings_it_to_the_device_for_grids(
         visits.append(modules)
         return on_device(modules, device)
 
-    def counting_grid(recipe, output_dir, family, comps, step, accelerator):
+    def counting_grid(recipe, output_dir, family, comps, step, accelerator, **kwargs):
         encoder = comps.text_encoders["text_encoder"]
         handle = encoder.register_forward_hook(lambda *_: encoder_calls.append(step) and None)
         try:
-            return training_grid(recipe, output_dir, family, comps, step, accelerator)
+            return training_grid(recipe, output_dir, family, comps, step, accelerator, **kwargs)
         finally:
             handle.remove()
 
