@@ -53,7 +53,7 @@ def family_checks(recipe) -> None:
 
 def render(plan) -> str:
     def gib(n: float) -> str:
-        return f"{n / GiB:8.2f} GiB"
+        return f"{n / GiB:8.2f} GiB" if n >= 0.1 * GiB else f"{n / 2**20:8.1f} MiB"
 
     lines = [f"{plan.model} ({plan.family}) at {plan.resolution}px"]
     if plan.note:
@@ -80,7 +80,7 @@ def render(plan) -> str:
             if plan.seconds_per_step
             else " (--tflops N for a time estimate)"
         )
-        lines.append(f"  FLOPs per optimizer step: {plan.flops_per_step / 1e12:.1f} T{time}")
+        lines.append(f"  FLOPs per optimizer step: {plan.flops_per_step / 1e12:.4g} T{time}")
     return "\n".join(lines)
 
 

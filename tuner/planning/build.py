@@ -62,7 +62,17 @@ def meta_model(recipe: Recipe) -> MetaModel:
     model = recipe.model.model_copy(update={"path": source, "quantize": "none"})
     planned = recipe.model_copy(update={"model": model})
     dtype = DTYPES[recipe.train.mixed_precision]
-    with torch.device("meta"):
-        comps = family.load(model, dtype)
-        comps = family.configure(comps, planned)
+    try:
+        with torch.device("meta"):
+            comps = family.load(model, dtype)
+            comps = family.configure(comps, planned)
+    except (NotImplementedError, RuntimeError, ValueError):
+        if kind != "builtin" or builtins.builtin_name(source) in builtins.TABLE:
+            raise
+        # A plugin builtin that reads its (small) weights, e.g. builtin:toy: built on the CPU,
+        # then moved to meta.
+        comps = family.configure(family.load(model, dtype), planned)
+        for module in comps.modules().values():
+            module.to("meta")
+        note = note or f"{source} reads its weights: built on the CPU, then moved to meta"
     return MetaModel(family, comps, source, note)

@@ -31,7 +31,7 @@ class Tracer:
     # ---- inputs --------------------------------------------------------------------------
     def _inputs(self, batch: int, size: tuple[int, int]):
         family, comps = self.family, self.comps
-        with torch.device("meta"), torch.no_grad():
+        with torch.device("meta"), torch.no_grad(), trace.meta_truth_tests():
             cond = family.encode_prompts(comps, ["a photo"] * batch)
             shape = family.latent_shape(comps, size)
         noisy = torch.zeros((batch, *shape), device="meta")
@@ -63,7 +63,7 @@ class Tracer:
         denoiser.train()
         noisy, timesteps, cond, extra = self._inputs(batch, size)
         try:
-            with trace.traced(self.autocast, count_flops=flops) as (live, counter):
+            with trace.traced(self.autocast, flops) as (live, counter), trace.meta_truth_tests():
                 pred = self.family.predict(self.comps, noisy, timesteps, cond, extra)
                 loss = ((pred.float() - noisy) ** 2).mean()
                 # torch.autograd.backward, not loss.backward(): the autocast emulation must
@@ -89,8 +89,9 @@ class Tracer:
         self.comps.denoiser.eval()
         noisy, timesteps, cond, extra = self._inputs(batch, size)
         noisy = noisy.to(self.comps.dtype)
-        with torch.no_grad(), trace.traced(self.autocast, count_flops=False) as (live, _):
-            self.family.predict(self.comps, noisy, timesteps, cond, extra)
+        with torch.no_grad(), trace.traced(self.autocast, False) as (live, _):
+            with trace.meta_truth_tests():
+                self.family.predict(self.comps, noisy, timesteps, cond, extra)
         return live.peak
 
     def vae(self, batch: int, size: tuple[int, int], decode: bool) -> int:
@@ -112,6 +113,6 @@ class Tracer:
 
     def text_encoders(self, batch: int) -> int:
         with torch.no_grad(), trace.traced(None, count_flops=False) as (live, _):
-            with torch.device("meta"):
+            with torch.device("meta"), trace.meta_truth_tests():
                 self.family.encode_prompts(self.comps, ["a photo"] * batch)
         return live.peak

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+from tuner.errors import TunerError
 from tuner.planning import storage
 from tuner.planning.build import meta_model
 from tuner.planning.estimate import CACHE_BATCH, Tracer
@@ -89,7 +90,14 @@ def make_plan(
     meta = meta_model(recipe)
     tracer = Tracer(meta, recipe)
     base = Settings.of(recipe)
-    parts = predict(tracer, recipe, base, as_flop_counted)
+    try:
+        parts = predict(tracer, recipe, base, as_flop_counted)
+    except (RuntimeError, NotImplementedError) as exc:  # an op that reads values from meta
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:120]
+        raise TunerError(
+            f"plan: the meta trace of {meta.family.spec.name} failed ({first}); "
+            "this family cannot be planned yet"
+        ) from exc
     cards = {}
     for gb in CARDS_GB:
         cards[str(gb)] = verdict(tracer, recipe, base, parts, gb, switches, as_flop_counted)
@@ -231,12 +239,16 @@ def verdict(tracer, recipe, base: Settings, parts, gb: int, switches: bool, coun
     steps = switch_candidates(recipe, tracer)
     if base.batch > 1:
         accum = base.batch * base.grad_accum
-        steps.append((f"train.batch_size=1 train.grad_accum={accum}", {"batch": 1, "grad_accum": accum}))
+        steps.append(
+            (f"train.batch_size=1 train.grad_accum={accum}", {"batch": 1, "grad_accum": accum})
+        )
     for label, change in steps:
         if not change or all(getattr(current, k) == v for k, v in change.items()):
             continue
         current = Settings(**{**asdict(current), **change})
-        applied = [a for a in applied if not (a.startswith("model.quantize") and "quantize" in change)]
+        applied = [
+            a for a in applied if not (a.startswith("model.quantize") and "quantize" in change)
+        ]
         applied.append(label)
         if fits(predict(tracer, recipe, current, counted)["phases"], gb):
             return "fits with: " + " ".join(applied)

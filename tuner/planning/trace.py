@@ -148,6 +148,25 @@ def traced(compute_dtype: torch.dtype | None, count_flops: bool = True):
         F.scaled_dot_product_attention = original
 
 
+@contextlib.contextmanager
+def meta_truth_tests():
+    """`bool(meta_tensor.all())` and friends: text encoders test whether a padding mask is all
+    ones to skip it; a meta tensor has no values, so such tests answer True (no padding, the
+    longest sequence: the upper bound). Any other value read from a meta tensor still fails."""
+    original = torch.Tensor.item
+
+    def item(self):
+        if self.device.type == "meta" and self.dtype == torch.bool:
+            return True
+        return original(self)
+
+    torch.Tensor.item = item
+    try:
+        yield
+    finally:
+        torch.Tensor.item = original
+
+
 def max_linear_bytes(module: torch.nn.Module, bytes_per_param: float) -> int:
     """The largest Linear weight at a storage size: what a quantized layer dequantizes at once."""
     sizes = [m.weight.numel() for m in module.modules() if isinstance(m, torch.nn.Linear)]
@@ -164,6 +183,8 @@ def checkpointing(compute_dtype: torch.dtype | None):
         return contextlib.nullcontext(), cast
 
     def checkpointed(module, *args):
-        return checkpoint(module.__call__, *args, use_reentrant=False, context_fn=recompute_contexts)
+        return checkpoint(
+            module.__call__, *args, use_reentrant=False, context_fn=recompute_contexts
+        )
 
     return checkpointed
