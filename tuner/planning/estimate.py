@@ -89,9 +89,9 @@ class Tracer:
         self.comps.denoiser.eval()
         noisy, timesteps, cond, extra = self._inputs(batch, size)
         noisy = noisy.to(self.comps.dtype)
-        with torch.no_grad(), trace.traced(self.autocast, False) as (live, _):
-            with trace.meta_truth_tests():
-                self.family.predict(self.comps, noisy, timesteps, cond, extra)
+        traced = trace.traced(self.autocast, False)
+        with torch.no_grad(), traced as (live, _), trace.meta_truth_tests():
+            self.family.predict(self.comps, noisy, timesteps, cond, extra)
         return live.peak
 
     def vae(self, batch: int, size: tuple[int, int], decode: bool) -> int:
@@ -112,7 +112,7 @@ class Tracer:
         return live.peak
 
     def text_encoders(self, batch: int) -> int:
-        with torch.no_grad(), trace.traced(None, count_flops=False) as (live, _):
-            with torch.device("meta"), trace.meta_truth_tests():
-                self.family.encode_prompts(self.comps, ["a photo"] * batch)
+        traced = trace.traced(None, count_flops=False)
+        with torch.no_grad(), traced as (live, _), torch.device("meta"), trace.meta_truth_tests():
+            self.family.encode_prompts(self.comps, ["a photo"] * batch)
         return live.peak
