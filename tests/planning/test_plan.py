@@ -98,8 +98,8 @@ def allocator_peak(step) -> int:
 
 @pytest.mark.parametrize(
     "base, resolution, checkpointing",
-    [("builtin:tiny-sd15", 64, False), ("builtin:tiny-sd15", 64, True),
-     ("builtin:tiny-flux", 128, True)],
+    [pytest.param("builtin:tiny-sd15", 64, False, marks=pytest.mark.slow),
+     ("builtin:tiny-sd15", 64, True), ("builtin:tiny-flux", 128, True)],
 )  # fmt: skip
 def test_traced_activations_match_a_real_cpu_step(make_recipe, base, resolution, checkpointing):
     recipe = make_recipe(
@@ -145,3 +145,15 @@ def test_plan_of_a_tiny_recipe_adds_up(make_recipe):
     assert plan.cards["12"] == "fits"
     assert plan.seconds_per_step == pytest.approx(plan.flops_per_step / 1e12)
     assert plan.summary().startswith("plan: peak ")
+
+
+def test_train_preflight_logs_one_line_and_names_an_unplannable_source(make_recipe, caplog):
+    from tuner.cli.plan import train_preflight
+
+    caplog.set_level("INFO", logger="tuner")
+    train_preflight(make_recipe(base="builtin:tiny-sd15"))
+    assert [r.message for r in caplog.records if r.message.startswith("plan: peak ")]
+    caplog.clear()
+    train_preflight(make_recipe("model.family=sd2", base="some-org/some-sd2-model"))
+    lines = [r.message for r in caplog.records]
+    assert len(lines) == 1 and lines[0].startswith("plan: not available for some-org/"), lines
