@@ -153,18 +153,23 @@ def meta_truth_tests():
     """`bool(meta_tensor.all())` and friends: text encoders test whether a padding mask is all
     ones to skip it; a meta tensor has no values, so such tests answer True (no padding, the
     longest sequence: the upper bound). Any other value read from a meta tensor still fails."""
-    original = torch.Tensor.item
+    original_item, original_bool = torch.Tensor.item, torch.Tensor.__bool__
 
     def item(self):
         if self.device.type == "meta" and self.dtype == torch.bool:
             return True
-        return original(self)
+        return original_item(self)
 
-    torch.Tensor.item = item
+    def truth(self):
+        if self.device.type == "meta" and self.dtype == torch.bool:
+            return True
+        return original_bool(self)
+
+    torch.Tensor.item, torch.Tensor.__bool__ = item, truth
     try:
         yield
     finally:
-        torch.Tensor.item = original
+        torch.Tensor.item, torch.Tensor.__bool__ = original_item, original_bool
 
 
 def max_linear_bytes(module: torch.nn.Module, bytes_per_param: float) -> int:
