@@ -99,7 +99,8 @@ def allocator_peak(step) -> int:
 @pytest.mark.parametrize(
     "base, resolution, checkpointing",
     [pytest.param("builtin:tiny-sd15", 64, False, marks=pytest.mark.slow),
-     ("builtin:tiny-sd15", 64, True), ("builtin:tiny-flux", 128, True)],
+     ("builtin:tiny-sd15", 64, True),
+     pytest.param("builtin:tiny-flux", 128, True, marks=pytest.mark.slow)],
 )  # fmt: skip
 def test_traced_activations_match_a_real_cpu_step(make_recipe, base, resolution, checkpointing):
     recipe = make_recipe(
