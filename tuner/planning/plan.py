@@ -145,8 +145,10 @@ def predict(tracer: Tracer, recipe: Recipe, s: Settings, as_flop_counted: bool =
     """Bytes per part and per phase for settings `s`."""
     comps, spec = tracer.comps, tracer.family.spec
     stored = {spec.denoiser: storage.stored(comps.denoiser, s.quantize)}
+    # model.text_encoder_quantize (another branch adds it): the encoders' Linear weights.
+    encoder_kind = getattr(recipe.model, "text_encoder_quantize", "none") or "none"
     for name, module in comps.frozen_modules().items():
-        stored[name] = storage.stored(module)
+        stored[name] = storage.stored(module, "none" if name == "vae" else encoder_kind)
     lora_params = tracer.lora_params()
     lora_bytes = storage.gradient_bytes(lora_params)
     gradients = storage.gradient_bytes(lora_params)
