@@ -86,6 +86,8 @@ def build_tiny_sdxl() -> dict:
     width_1, width_2 = TINY_TEXT_WIDTHS
     # Encoder 2 is the builtin CLIP's config with the projection head SDXL pools through.
     encoder_2 = CLIPTextModelWithProjection(tiny_clip(width_2, TINY_POOLED, act="gelu").config)
+    with torch.device("cpu"):  # schedulers on the CPU, also when built under meta (tuner plan)
+        scheduler = EulerDiscreteScheduler(**SDXL_SCHEDULER)
     return {
         "unet": tiny_sdxl_unet(),
         "vae": tiny_vae(scaling_factor=0.13025, force_upcast=True),
@@ -93,7 +95,7 @@ def build_tiny_sdxl() -> dict:
         "text_encoder_2": encoder_2,
         "tokenizer": offline_clip_tokenizer(),
         "tokenizer_2": offline_clip_tokenizer("!"),
-        "scheduler": EulerDiscreteScheduler(**SDXL_SCHEDULER),
+        "scheduler": scheduler,
     }
 
 

@@ -16,7 +16,13 @@ from importlib.metadata import entry_points
 
 from tuner.errors import TunerError
 
-COMMAND_GROUPS = ("tuner.cli.train", "tuner.cli.sample", "tuner.cli.export", "tuner.cli.bench")
+COMMAND_GROUPS = (
+    "tuner.cli.train",
+    "tuner.cli.sample",
+    "tuner.cli.export",
+    "tuner.cli.bench",
+    "tuner.cli.plan",
+)
 
 
 def _quiet_libraries() -> None:

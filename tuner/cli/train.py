@@ -22,6 +22,10 @@ def cmd_train(args) -> int:
     from tuner.training.run import train
 
     recipe = load_recipe(args.recipe, args.overrides)
+    if os.environ.get("RANK", "0") == "0":
+        from tuner.cli.plan import train_preflight
+
+        train_preflight(recipe)  # one line; a warning when the GPU is too small
     output = train(recipe)
     if os.environ.get("RANK", "0") == "0":  # one line per run, not per process
         print(f"done: adapter and samples in {output}")
