@@ -10,9 +10,9 @@ import random
 import torch
 from torch.utils.data import Dataset
 
-from tuner.data.cache import CachePlan, latent_key, text_key
+from tuner.data.cache import CachePlan, control_key, latent_key, text_key
 from tuner.data.captions import process_caption
-from tuner.data.items import Item, prepare_image
+from tuner.data.items import Item, prepare_controls, prepare_image
 
 log = logging.getLogger("tuner")
 
@@ -63,8 +63,18 @@ class TrainDataset(Dataset):
         if plan.latents is not None:
             key = latent_key(item.image_hash, item.size, plan.crop, flip, plan.identity)
             out.update(plan.latents.load(key))
+            if item.controls:
+                out["control_latents"] = [
+                    plan.latents.load(control_key(item, i, plan.crop, flip, plan.identity))[
+                        "latents"
+                    ]
+                    for i in range(len(item.controls))
+                ]
         else:
+            crop_state = rng.getstate() if plan.crop == "random" else None
             pixels, crop_top_left, original_size = prepare_image(item, plan.crop, flip, rng)
+            if item.controls:  # the same crop window and flip as the target
+                out["control_pixels"] = prepare_controls(item, plan.crop, flip, crop_state)
             out.update(
                 pixels=pixels,
                 crop_top_left=torch.tensor(crop_top_left),
@@ -85,6 +95,9 @@ def collate(groups: list[list[dict]]) -> dict:
     for name in ("latents", "pixels", "crop_top_left", "original_size", "target_size"):
         if name in samples[0]:
             batch[name] = torch.stack([s[name] for s in samples])
+    for name in ("control_latents", "control_pixels"):  # one stack per reference position
+        if name in samples[0]:
+            batch[name] = [torch.stack(group) for group in zip(*(s[name] for s in samples))]
     if "cond" in samples[0]:
         batch["cond"] = {
             k: torch.stack([s["cond"][k] for s in samples]) for k in samples[0]["cond"]

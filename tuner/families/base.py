@@ -102,6 +102,9 @@ class FamilySpec:
     text_encoder_lora: bool = True  # whether the pipeline's loader reads text-encoder LoRA back
     objective: Literal["ddpm", "flow"] = "ddpm"
     quantize: bool = False  # whether `model.quantize` (bitsandbytes NF4/int8) applies
+    # Reference images per sample: 0 for text-to-image families (control_dir/control_column
+    # refused); editing families need at least one (datasets without controls refused).
+    controls: int = 0
     # model-section options beyond the source this family applies (others are refused)
     model_options: tuple[str, ...] = ()
 
@@ -227,6 +230,14 @@ class FamilyBase:
         vae = comps.vae
         posterior = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
         latents = posterior.sample(generator=generator)
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        return (latents - shift) * vae.config.scaling_factor
+
+    def encode_controls(self, comps, pixels) -> torch.Tensor:
+        """Reference images -> latents as editing pipelines encode them: the posterior's mode
+        (no noise), scaled and shifted like encode_images."""
+        vae = comps.vae
+        latents = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.mode()
         shift = getattr(vae.config, "shift_factor", None) or 0.0
         return (latents - shift) * vae.config.scaling_factor
 

@@ -32,6 +32,7 @@ def validate_common(spec: FamilySpec, recipe) -> None:
             "text encoder outputs are cached, and its pipeline does not load such LoRA); "
             "set it to false"
         )
+    check_controls(spec, recipe)
     if spec.objective == "ddpm":
         for key in FLOW_ONLY:
             if key in train.model_fields_set:
@@ -46,3 +47,34 @@ def validate_common(spec: FamilySpec, recipe) -> None:
                     f"train.{key}: applies to DDPM models only; {spec.name} is "
                     "flow-matching, use train.flow.loss_weighting (none|sigma_sqrt|cosmap)"
                 )
+
+
+def check_controls(spec: FamilySpec, recipe) -> None:
+    """Paired data goes to editing families only, and editing families need it."""
+    for index, entry in enumerate(recipe.data.datasets):
+        key = "control_dir" if entry.control_dir else "control_column"
+        if entry.paired and not spec.controls:
+            raise TunerError(
+                f"data.datasets.{index}.{key}: {spec.name} does not take reference images; "
+                "remove it, or train an editing family (flux-kontext, qwen-image-edit)"
+            )
+        if spec.controls and not entry.paired:
+            raise TunerError(
+                f"data.datasets.{index}: {spec.name} trains on (reference, target) pairs; "
+                "set control_dir (a folder of same-stem reference images) or control_column"
+            )
+    if spec.controls and recipe.dreambooth is not None:
+        raise TunerError(
+            f"dreambooth: {spec.name} trains on (reference, target) pairs, and DreamBooth "
+            "folders have none; use data.datasets[] with control_dir"
+        )
+    if recipe.sample.controls and not spec.controls:
+        raise TunerError(
+            f"sample.controls: {spec.name} does not take reference images; remove it"
+        )
+    prompts, controls = recipe.sample.prompts, recipe.sample.controls
+    if spec.controls and prompts and len(controls) != len(prompts):
+        raise TunerError(
+            f"sample.controls: {spec.name} edits a reference image; give one per prompt "
+            f"({len(prompts)} prompts, {len(controls)} controls)"
+        )

@@ -42,6 +42,9 @@ def label_lines(cell: Cell, axes: tuple[str, ...]) -> list[str]:
     lines = []
     for axis in axes:
         value = getattr(cell, axis)
+        if axis == "control":  # a reference image: its file name
+            lines.append(Path(value).name)
+            continue
         lines.append(
             f"{axis} {value:g}"
             if axis == "scale"
@@ -165,7 +168,8 @@ GRID_BATCH = 4
 
 
 def training_grid(recipe, output_dir: Path, family, comps, step: int, accelerator) -> Path | None:
-    """Grid of the recipe's fixed prompts x seeds (rows) x adapter scales (columns)."""
+    """Grid of the recipe's fixed prompts x seeds (rows) x adapter scales (columns); for an
+    editing family each row starts with its reference image: reference | base edit | LoRA."""
     prompts = recipe.sample.prompts
     if not prompts:
         return None
@@ -175,9 +179,10 @@ def training_grid(recipe, output_dir: Path, family, comps, step: int, accelerato
     set_scheduler(pipe, recipe.sample.scheduler)
     size = recipe.data.resolution
     sample = recipe.sample
+    controls = sample.controls or [""] * len(prompts)
     cells = [
-        Cell(p, seed, scale, step)
-        for p in prompts
+        Cell(p, seed, scale, step, edit_label(scale) if control else "", control=control)
+        for p, control in zip(prompts, controls, strict=True)
         for seed in sample.seeds
         for scale in sample.scales
     ]
@@ -204,10 +209,34 @@ def training_grid(recipe, output_dir: Path, family, comps, step: int, accelerato
                 for cell, image in zip(chunk, images, strict=True):
                     cell.image = image
     comps.denoiser.train(was_training)
-    sheet, meta = make_grid(cells, ("prompt", "seed"), ("scale",))
+    rows, columns = ("prompt", "seed"), ("scale",)
+    if sample.controls:
+        cells = with_references(cells, sample.width or size, sample.height or size)
+        rows, columns = ("prompt", "control", "seed"), ("adapter",)  # reference | base | LoRA
+    sheet, meta = make_grid(cells, rows, columns)
     path = save_grid(sheet, meta, Path(output_dir) / "samples" / f"step-{step:06d}.png")
     _log_images(accelerator, sheet, step)
     return path
+
+
+def edit_label(scale: float) -> str:
+    return "base edit" if scale == 0 else f"LoRA edit x{scale:g}"
+
+
+def with_references(cells: list[Cell], width: int, height: int) -> list[Cell]:
+    """Before each row's edits, a cell showing the reference image it edits."""
+    from tuner.inference.render import load_control
+
+    out: list[Cell] = []
+    for cell in cells:
+        if not any(c.adapter == "reference" and c.prompt == cell.prompt and c.seed == cell.seed
+                   and c.control == cell.control for c in out):
+            reference = Cell(cell.prompt, cell.seed, 0.0, cell.step, "reference",
+                             control=cell.control)
+            reference.image = load_control(cell.control, width, height)
+            out.append(reference)
+        out.append(cell)
+    return out
 
 
 def _log_images(accelerator, sheet: Image.Image, step: int) -> None:
