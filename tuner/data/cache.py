@@ -94,9 +94,7 @@ def control_key(item: Item, index: int, crop: str, flip: bool, identity: str) ->
     """A reference image's latent: its bytes, and the target's own size and bucket (the
     reference is resized to the target before the shared crop)."""
     partner = item.controls[index]
-    return digest(
-        "control", partner.image_hash, item.source_size, item.size, crop, flip, identity
-    )
+    return digest("control", partner.image_hash, item.source_size, item.size, crop, flip, identity)
 
 
 def text_key(caption: str, identity: str) -> str:
@@ -178,9 +176,7 @@ def _cache_latents(items, data, plan, family, comps, device, batch_size, stats) 
             continue
         seen.add(key)
         if plan.latents.has(key):
-            problem = plan.latents.problem(
-                key, {"latents": family.latent_shape(comps, item.size)}
-            )
+            problem = plan.latents.problem(key, {"latents": family.latent_shape(comps, item.size)})
             if problem is None:
                 stats["hit"] += 1
                 continue

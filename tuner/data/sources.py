@@ -273,7 +273,6 @@ def _from_hf(
     root: str | None = None,
 ) -> list[Record]:
     import datasets
-
     from tuner.data.pairs import column_partners
 
     columns = list(ds.column_names)

@@ -69,9 +69,7 @@ def check_controls(spec: FamilySpec, recipe) -> None:
             "folders have none; use data.datasets[] with control_dir"
         )
     if recipe.sample.controls and not spec.controls:
-        raise TunerError(
-            f"sample.controls: {spec.name} does not take reference images; remove it"
-        )
+        raise TunerError(f"sample.controls: {spec.name} does not take reference images; remove it")
     prompts, controls = recipe.sample.prompts, recipe.sample.controls
     if spec.controls and prompts and len(controls) != len(prompts):
         raise TunerError(

@@ -229,10 +229,16 @@ def with_references(cells: list[Cell], width: int, height: int) -> list[Cell]:
 
     out: list[Cell] = []
     for cell in cells:
-        if not any(c.adapter == "reference" and c.prompt == cell.prompt and c.seed == cell.seed
-                   and c.control == cell.control for c in out):
-            reference = Cell(cell.prompt, cell.seed, 0.0, cell.step, "reference",
-                             control=cell.control)
+        if not any(
+            c.adapter == "reference"
+            and c.prompt == cell.prompt
+            and c.seed == cell.seed
+            and c.control == cell.control
+            for c in out
+        ):
+            reference = Cell(
+                cell.prompt, cell.seed, 0.0, cell.step, "reference", control=cell.control
+            )
             reference.image = load_control(cell.control, width, height)
             out.append(reference)
         out.append(cell)

@@ -98,9 +98,7 @@ class DatasetEntry(Section):
     @model_validator(mode="after")
     def _one_control_source(self) -> DatasetEntry:
         if self.control_dir and self.control_column:
-            raise ValueError(
-                "control_dir and control_column both set; name the references one way"
-            )
+            raise ValueError("control_dir and control_column both set; name the references one way")
         return self
 
     @property
