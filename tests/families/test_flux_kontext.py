@@ -5,6 +5,7 @@ the pipeline's load_lora_weights with every key placed and changes the edit."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -180,3 +181,53 @@ def test_refusals():
         families.get("flux").validate(recipe("builtin:tiny-flux", paired))
     with pytest.raises(TunerError, match=r"data.datasets.0: flux-kontext trains on"):
         families.get("flux-kontext").validate(recipe(BASE, {"path": str(HOLLOW / "targets")}))
+
+
+def test_sample_refuses_a_missing_or_stray_control(trained, tmp_path, capsys):
+    from tuner.cli import main
+
+    file = str(trained.output_dir / WEIGHT_NAME)
+    argv = ["sample", "--lora", file, "--prompt", PROMPT, "--steps", "1", "--out", str(tmp_path)]
+    assert main([*argv, "--device", "cpu"]) != 0
+    assert "flux-kontext edits a reference image; give --control" in capsys.readouterr().err
+    control = str(HOLLOW / "controls" / "000.png")
+    assert main(["sample", "builtin:tiny-flux", "--prompt", PROMPT, "--control", control,
+                 "--steps", "1", "--out", str(tmp_path), "--device", "cpu"]) != 0  # fmt: skip
+    assert "--control: flux does not take reference images" in capsys.readouterr().err
+    assert not list(tmp_path.glob("*.png"))
+
+
+@pytest.mark.slow
+def test_quickstart_trains_and_samples_each_file_with_a_control(tmp_path, monkeypatch):
+    """The shipped quickstart (its grid: reference | base edit | LoRA edit), then `tuner
+    sample --control` with the diffusers and the kohya file: the same edit from both."""
+    from tuner.adapters.lora import KOHYA_WEIGHT_NAME
+    from tuner.cli import main
+    from tuner.recipe import load_recipe
+
+    monkeypatch.chdir(REPO)
+    overrides = [
+        "train.steps=4",
+        f"output.dir={tmp_path / 'out'}",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        "sample.steps=2",
+    ]
+    result = run_training(load_recipe("recipes/quickstart-flux-kontext.yaml", overrides))
+    grid = json.loads((result.output_dir / "samples" / "step-000004.json").read_text())
+    assert [cell["lines"][-1] for cell in grid["cells"][:3]] == [
+        "reference",
+        "base edit",
+        "LoRA edit x1",
+    ]
+    control = str(HOLLOW / "controls" / "003.png")
+    images = {}
+    for file in (WEIGHT_NAME, KOHYA_WEIGHT_NAME):
+        out = tmp_path / file
+        argv = ["sample", "--lora", str(result.output_dir / file), "--prompt", PROMPT]
+        argv += ["--control", control, "--width", "64", "--height", "64", "--steps", "2"]
+        assert main([*argv, "--out", str(out), "--device", "cpu"]) == 0
+        (png,) = out.glob("*.png")
+        with Image.open(png) as image:
+            assert json.loads(image.info["tuner"])["control"] == control
+            images[file] = np.asarray(image.convert("RGB"))
+    np.testing.assert_array_equal(images[WEIGHT_NAME], images[KOHYA_WEIGHT_NAME])
