@@ -15,6 +15,7 @@ import torch
 
 from tuner.data.cache import CachePlan, TensorCache
 from tuner.data.dataset import TrainDataset, collate
+from tuner.data.images import load_image
 from tuner.data.items import collect_items, prepare_controls
 from tuner.errors import TunerError
 from tuner.recipe import DataSection
@@ -131,3 +132,30 @@ def test_reference_latents_are_cached_beside_the_targets(tmp_path, monkeypatch):
     Image.open(controls / "001.png").transpose(Image.Transpose.ROTATE_90).save(controls / "001.png")
     items, _ = collect_items(section)
     assert build_cache(items, section, plan, family, comps, "cpu") == {"hit": 10, "made": 2}
+
+
+def test_control_column_of_a_saved_hf_dataset_with_several_references(tmp_path):
+    """A list of images per row (multi-reference models): every reference is kept, in order."""
+    import datasets
+
+    targets = sorted((HOLLOW / "targets").glob("*.png"))[:2]
+    controls = sorted((HOLLOW / "controls").glob("*.png"))[:3]
+    table = datasets.Dataset.from_dict(
+        {
+            "image": [str(p) for p in targets],
+            "text": ["make it hollow"] * 2,
+            "refs": [[str(controls[0]), str(controls[1])], [str(controls[2]), str(controls[0])]],
+        },
+        features=datasets.Features(
+            image=datasets.Image(), text=datasets.Value("string"),
+            refs=datasets.Sequence(datasets.Image()),
+        ),
+    )  # fmt: skip
+    table.save_to_disk(str(tmp_path / "saved"))
+    items, _ = collect_items(data(path=str(tmp_path / "saved"), control_column="refs"))
+    decoded = [load_image(p.image).tobytes() for item in items for p in item.controls]
+    expected = [
+        load_image(c).tobytes() for c in (controls[0], controls[1], controls[2], controls[0])
+    ]
+    assert [len(item.controls) for item in items] == [2, 2]
+    assert decoded == expected
