@@ -16,6 +16,9 @@ tests below) and must show:
   uninterrupted run's;
 - `tuner sample` loads the diffusers file and the kohya file and writes PNGs.
 
+Editing families (`spec.controls`) train on the paired set datasets/toy-hollow and render
+with a reference image; DreamBooth folders have no references, so they refuse it instead.
+
 Family-specific behaviour (SDXL time_ids, pooled embeddings, predict == the pipeline's call,
 drop_t5, VAE dtypes, ...) stays in the per-family test files.
 """
@@ -82,11 +85,24 @@ def size(name: str) -> int:
     return 32 if spec_of(name).objective == "flow" else 64
 
 
+HOLLOW = REPO / "datasets" / "toy-hollow"
+CONTROL = HOLLOW / "controls" / "000.png"
+
+
 def render_settings(name: str) -> dict:
     settings = {"num_inference_steps": 2, "width": size(name), "height": size(name)}
+    if spec_of(name).controls:  # the reference at the output size, as tuner sample gives it
+        reference = Image.open(CONTROL).convert("RGB").resize((size(name), size(name)))
+        settings.update(image=[reference], _auto_resize=False, max_area=size(name) ** 2)
     if spec_of(name).objective == "flow":
         return {**settings, "guidance_scale": 1.0, "max_sequence_length": 16}
     return {**settings, "guidance_scale": 5.0}
+
+
+def dataset_of(name: str) -> dict:
+    if spec_of(name).controls:
+        return {"path": str(HOLLOW / "targets"), "control_dir": str(HOLLOW / "controls")}
+    return {"path": str(REPO / "datasets" / "toy-stripes")}
 
 
 def recipe_for(name: str, tmp: Path, *overrides: str):
@@ -95,7 +111,7 @@ def recipe_for(name: str, tmp: Path, *overrides: str):
         # alpha != rank: the LoRA scale must survive every file format
         "adapter": {"rank": 4, "alpha": 2},
         "data": {
-            "datasets": [{"path": str(REPO / "datasets" / "toy-stripes")}],
+            "datasets": [dataset_of(name)],
             "resolution": size(name),
             "cache_dir": str(tmp / "cache"),
         },
@@ -149,7 +165,7 @@ def render(name: str, pipe, scale: float = 1.0) -> np.ndarray:
     pipe.set_progress_bar_config(disable=True)
     with lora_scale(pipeline_modules(pipe), scale):
         return pipe(
-            [PROMPT],
+            prompt=[PROMPT],
             generator=torch.Generator().manual_seed(0),
             output_type="np",
             **render_settings(name),
@@ -240,7 +256,7 @@ def test_kohya_and_comfy_files_render_like_the_diffusers_file(name, variant, run
 # --- DreamBooth, resume, tuner sample --------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", [n for n in NAMES if not spec_of(n).controls])
 def test_dreambooth_with_prior_preservation(name, tmp_path, monkeypatch):
     recipe = recipe_for(
         name,
@@ -315,6 +331,8 @@ def test_tuner_sample_loads_both_files_and_writes_pngs(name, runs, tmp_path):
         argv = ["sample", f"builtin:{name}", "--lora", str(result.output_dir / file)]
         argv += ["--prompt", PROMPT, "--seed", "0", "--steps", "2", "--out", str(out)]
         argv += ["--width", str(side), "--height", str(side), "--device", "cpu"]
+        if spec_of(name).controls:
+            argv += ["--control", str(CONTROL)]
         assert main(argv) == 0, label
         pngs = sorted(out.glob("*.png"))
         assert len(pngs) == 1, label
@@ -323,3 +341,18 @@ def test_tuner_sample_loads_both_files_and_writes_pngs(name, runs, tmp_path):
             assert "tuner" in image.info  # the settings travel inside the PNG
             written[label] = np.asarray(image.convert("RGB"))
     np.testing.assert_array_equal(written["kohya"], written["diffusers"])
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if spec_of(n).controls])
+def test_editing_families_refuse_dreambooth_folders(name, tmp_path):
+    from tuner.errors import TunerError
+
+    recipe = recipe_for(
+        name,
+        tmp_path,
+        f"dreambooth.instance_dir={REPO / 'datasets' / 'toy-subject'}",
+        "dreambooth.instance_prompt=a sks circle",
+        "dreambooth.with_prior_preservation=false",
+    )
+    with pytest.raises(TunerError, match="dreambooth: .* pairs"):
+        families.get(spec_of(name).name).validate(recipe)

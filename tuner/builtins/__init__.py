@@ -43,6 +43,12 @@ TABLE: dict[str, Builtin] = {
     "arch-sd35": Builtin("sd3", lazy("tuner.builtins.sd3", "build_arch_sd35")),
     "tiny-flux": Builtin("flux", lazy("tuner.builtins.flux", "build_tiny_flux")),
     "arch-flux-dev": Builtin("flux", lazy("tuner.builtins.flux", "build_arch_flux", "dev")),
+    "tiny-flux-kontext": Builtin(
+        "flux-kontext", lazy("tuner.builtins.flux", "build_tiny_flux_kontext")
+    ),
+    "arch-flux-kontext": Builtin(
+        "flux-kontext", lazy("tuner.builtins.flux", "build_arch_flux_kontext")
+    ),
     "tiny-chroma": Builtin("chroma", lazy("tuner.builtins.chroma", "build_tiny_chroma")),
     "arch-chroma": Builtin("chroma", lazy("tuner.builtins.chroma", "build_arch_chroma")),
     "tiny-qwen-image": Builtin(

@@ -98,3 +98,14 @@ def build_arch_flux(variant: str = "dev") -> dict:
             "tokenizer_2": offline_t5_tokenizer(),
             "scheduler": flux_scheduler(variant),
         }
+
+
+def build_tiny_flux_kontext() -> dict:
+    """FLUX.1 Kontext at toy size: tiny-flux's modules (Kontext is Flux.1-dev's architecture;
+    what differs is how the pipeline feeds the reference image)."""
+    return build_tiny_flux()
+
+
+def build_arch_flux_kontext() -> dict:
+    """The full FLUX.1 Kontext [dev] architecture (FLUX.1-dev's), random init, in bf16."""
+    return build_arch_flux("dev")

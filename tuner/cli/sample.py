@@ -89,6 +89,14 @@ def add_render_flags(p) -> None:
     )
     p.add_argument("--prompt", action="append", default=[], help="repeatable")
     p.add_argument("--prompt-file", help="one prompt per line")
+    p.add_argument(
+        "--control",
+        action="append",
+        default=[],
+        metavar="IMAGE",
+        help="editing families: the reference image to edit; one for all prompts, or one "
+        "per prompt (repeatable)",
+    )
     p.add_argument("--seed", action="append", type=int, help="repeatable (default 0)")
     p.add_argument("--negative", help="negative prompt")
     p.add_argument("--steps", type=int, help="inference steps (default: the pipeline's)")
@@ -140,6 +148,7 @@ def cmd_sample(args) -> int:
     label = " + ".join(f"{s.label}:{s.scale:g}" for s in specs) or "base"
     choices = {label: AdapterChoice(label, specs)}
     cells = grid_cells(prompts, args.seed or [0], [1.0], choices)
+    attach_controls(cells, prompts, args.control)
     settings = render(settings, cells, choices, args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -150,6 +159,32 @@ def cmd_sample(args) -> int:
         cell.image.save(path, pnginfo=png_info(meta))
     print(f"wrote {len(cells)} images to {out}")
     return 0
+
+
+def attach_controls(cells, prompts: list[str], controls: list[str]) -> None:
+    """--control IMAGE: one for every prompt, or one per prompt in order."""
+    if not controls:
+        return
+    if len(controls) not in (1, len(prompts)):
+        raise TunerError(
+            f"--control: {len(controls)} images for {len(prompts)} prompts; give one for "
+            "all prompts or one per prompt"
+        )
+    for control in controls:
+        if not Path(control).is_file():
+            raise TunerError(f"--control {control}: file not found")
+    for cell in cells:
+        cell.control = controls[0] if len(controls) == 1 else controls[prompts.index(cell.prompt)]
+
+
+def check_controls(spec, cells) -> None:
+    if spec.controls and not all(cell.control for cell in cells):
+        raise TunerError(
+            f"{spec.name} edits a reference image; give --control IMAGE (one for all prompts "
+            "or one per prompt)"
+        )
+    if not spec.controls and any(cell.control for cell in cells):
+        raise TunerError(f"--control: {spec.name} does not take reference images; remove it")
 
 
 def base_model(args, specs: list[LoraSpec]) -> tuple[str, str | None]:
@@ -187,6 +222,7 @@ def image_settings(settings: Settings, specs: list[LoraSpec], cell) -> dict:
         "width": cell.image.width,
         "height": cell.image.height,
         "loras": [{"path": str(s.path), "scale": s.scale * cell.scale} for s in specs],
+        **({"control": cell.control} if cell.control else {}),
     }
 
 
@@ -225,6 +261,7 @@ def render(settings: Settings, cells, choices: dict[str, AdapterChoice], args) -
 
     device, dtype = device_and_dtype(args.device, args.dtype)
     family, pipe = load_base(settings.model, settings.family, dtype)
+    check_controls(family.spec, cells)
     pipe.to(device)
     specs = [spec for choice in choices.values() for spec in choice.loras]
     load_adapters(pipe, family, specs)
@@ -278,6 +315,7 @@ def cmd_grid(args) -> int:
     scales = parse_scales(args.scales) if args.scales else default_scales
     rows, cols = axes(args.rows or "prompt,seed"), axes(args.cols or default_cols)
     cells = grid_cells(prompts, seeds, scales, choices)
+    attach_controls(cells, prompts, args.control)
     check_axes(cells, rows, cols)
     settings = render(settings, cells, choices, args)
     sheet, meta = make_grid(cells, rows, cols)

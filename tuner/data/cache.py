@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from tuner import files
-from tuner.data.items import Item, prepare_image
+from tuner.data.items import Item, prepare_controls, prepare_image
 from tuner.data.masks import mask_to_grid
 from tuner.devices import on_device
 from tuner.errors import TunerError
@@ -123,6 +123,13 @@ def item_latent_key(item: Item, plan: CachePlan, flip: bool) -> str:
     return latent_key(item.image_hash, item.size, plan.crop, flip, plan.identity, item.mask_hash)
 
 
+def control_key(item: Item, index: int, crop: str, flip: bool, identity: str) -> str:
+    """A reference image's latent: its bytes, and the target's own size and bucket (the
+    reference is resized to the target before the shared crop)."""
+    partner = item.controls[index]
+    return digest("control", partner.image_hash, item.source_size, item.size, crop, flip, identity)
+
+
 def text_key(caption: str, identity: str) -> str:
     return digest("text", caption, identity)
 
@@ -180,34 +187,46 @@ def build_cache(
     return stats
 
 
+def _latent_jobs(item: Item, flip: bool, plan: CachePlan):
+    """(key, which image) of one item: the target (None) and each reference (its index)."""
+    yield item_latent_key(item, plan, flip), None
+    for index in range(len(item.controls)):
+        yield control_key(item, index, plan.crop, flip, plan.identity), index
+
+
 def _cache_latents(items, data, plan, family, comps, device, batch_size, stats) -> None:
-    todo: dict[str, tuple[Item, bool]] = {}
+    todo: dict[str, tuple[Item, bool, int | None]] = {}
     seen: set[str] = set()
     bad: list[tuple[Path, str]] = []
-    for item in items:
-        for flip in (False, True) if data.flip else (False,):
-            key = item_latent_key(item, plan, flip)
-            if key in todo or key in seen:
+    jobs = (
+        (item, flip, key, which)
+        for item in items
+        for flip in ((False, True) if data.flip else (False,))
+        for key, which in _latent_jobs(item, flip, plan)
+    )
+    for item, flip, key, which in jobs:
+        if key in todo or key in seen:
+            continue
+        seen.add(key)
+        if plan.latents.has(key):
+            shape = family.latent_shape(comps, item.size)
+            expected = {"latents": shape}
+            if item.mask and which is None:  # masks belong to targets, not references
+                expected["mask"] = (1, *shape[-2:])
+            problem = plan.latents.problem(key, expected)
+            if problem is None:
+                stats["hit"] += 1
                 continue
-            seen.add(key)
-            if plan.latents.has(key):
-                shape = family.latent_shape(comps, item.size)
-                expected = {"latents": shape}
-                if item.mask:
-                    expected["mask"] = (1, *shape[-2:])
-                problem = plan.latents.problem(key, expected)
-                if problem is None:
-                    stats["hit"] += 1
-                    continue
-                bad.append((plan.latents.path(key), problem))
-                plan.latents.discard(key)
-            todo[key] = (item, flip)
+            bad.append((plan.latents.path(key), problem))
+            plan.latents.discard(key)
+        todo[key] = (item, flip, which)
     report_unusable("latent", bad)
     if not todo:
         return
-    by_size: dict[tuple[int, int], list[str]] = {}
-    for key, (item, _) in todo.items():
-        by_size.setdefault(item.size, []).append(key)
+    by_size: dict[tuple, list[str]] = {}
+    for key, (item, _, which) in todo.items():
+        # targets and references apart: they are encoded differently (sample vs mode)
+        by_size.setdefault((item.size, which is None), []).append(key)
     bar = tqdm(total=len(todo), desc="caching latents", unit="img")
     with on_device([comps.vae], device):
         _encode_latents(todo, by_size, plan, family, comps, device, batch_size, stats, bar)
@@ -218,11 +237,14 @@ def _encode_latents(todo, by_size, plan, family, comps, device, batch_size, stat
     for keys in by_size.values():
         for start in range(0, len(keys), batch_size):
             chunk = keys[start : start + batch_size]
-            prepared = [prepare_image(todo[k][0], plan.crop, todo[k][1], None) for k in chunk]
+            prepared = [_prepare(*todo[k], plan.crop) for k in chunk]
             pixels = torch.stack([p[0] for p in prepared]).to(device)
-            # Seeded by the first entry's key, so a cached latent never depends on run order.
-            generator = torch.Generator(device).manual_seed(int(chunk[0][:12], 16))
-            latents = family.encode_images(comps, pixels, generator)
+            if todo[chunk[0]][2] is not None:
+                latents = family.encode_controls(comps, pixels)
+            else:
+                # Seeded by the first entry's key, so a cached latent never depends on run order.
+                generator = torch.Generator(device).manual_seed(int(chunk[0][:12], 16))
+                latents = family.encode_images(comps, pixels, generator)
             for key, (_, crop_top_left, original_size, mask), latent in zip(
                 chunk, prepared, latents
             ):
@@ -237,6 +259,13 @@ def _encode_latents(todo, by_size, plan, family, comps, device, batch_size, stat
                 plan.latents.save(key, entry)
             stats["made"] += len(chunk)
             bar.update(len(chunk))
+
+
+def _prepare(item: Item, flip: bool, which: int | None, crop: str):
+    if which is None:
+        return prepare_image(item, crop, flip, None)
+    pixels = prepare_controls(item, crop, flip, None)[which]
+    return pixels, (0, 0), (item.source_size[1], item.source_size[0]), None
 
 
 def _cache_texts(captions, plan, family, comps, device, batch_size, stats) -> None:

@@ -10,9 +10,9 @@ import random
 import torch
 from torch.utils.data import Dataset
 
-from tuner.data.cache import CachePlan, item_latent_key, text_key
+from tuner.data.cache import CachePlan, control_key, item_latent_key, text_key
 from tuner.data.captions import process_caption
-from tuner.data.items import Item, prepare_image
+from tuner.data.items import Item, prepare_controls, prepare_image
 
 log = logging.getLogger("tuner")
 
@@ -62,8 +62,18 @@ class TrainDataset(Dataset):
         out: dict = {"is_prior": is_prior}
         if plan.latents is not None:
             out.update(plan.latents.load(item_latent_key(item, plan, flip)))
+            if item.controls:
+                out["control_latents"] = [
+                    plan.latents.load(control_key(item, i, plan.crop, flip, plan.identity))[
+                        "latents"
+                    ]
+                    for i in range(len(item.controls))
+                ]
         else:
+            crop_state = rng.getstate() if plan.crop == "random" else None
             pixels, crop_top_left, original_size, mask = prepare_image(item, plan.crop, flip, rng)
+            if item.controls:  # the same crop window and flip as the target
+                out["control_pixels"] = prepare_controls(item, plan.crop, flip, crop_state)
             out.update(
                 pixels=pixels,
                 crop_top_left=torch.tensor(crop_top_left),
@@ -89,6 +99,9 @@ def collate(groups: list[list[dict]]) -> dict:
     masked = [s["mask"] for s in samples if "mask" in s]
     if masked:  # samples without a mask (prior images, unmasked datasets) train everywhere
         batch["mask"] = torch.stack([s.get("mask", torch.ones_like(masked[0])) for s in samples])
+    for name in ("control_latents", "control_pixels"):  # one stack per reference position
+        if name in samples[0]:
+            batch[name] = [torch.stack(group) for group in zip(*(s[name] for s in samples))]
     if "cond" in samples[0]:
         batch["cond"] = {
             k: torch.stack([s["cond"][k] for s in samples]) for k in samples[0]["cond"]

@@ -31,6 +31,7 @@ from tuner.data.buckets import (
 )
 from tuner.data.captions import process_caption
 from tuner.data.images import BadImage, load_image
+from tuner.data.pairs import BadPair, Partner, prepare_partner, read_partners
 from tuner.data.sources import Record, list_records
 from tuner.errors import TunerError
 
@@ -50,6 +51,8 @@ class Item:
     role: str = "instance"  # "instance" or "class" (DreamBooth prior images)
     mask: str | None = None  # loss mask: a file path, masks.ALPHA, or None (no mask)
     mask_hash: str = ""  # content hash of the mask (part of the latent cache key)
+    controls: tuple[Partner, ...] = ()  # reference images of an editing pair
+    source_size: tuple[int, int] = (0, 0)  # (width, height) of the decoded target
 
     @property
     def caption(self) -> str:
@@ -98,10 +101,17 @@ def collect_items(
                 image_column=entry.image_column,
                 split=entry.split,
                 skip_dirs=skip_dirs,
+                control_dir=getattr(entry, "control_dir", None),
+                control_column=getattr(entry, "control_column", None),
             )
         role = "instance" if index < len(data.datasets) else role_of_extra
         usable = _items_of(records, entry, data, report, role)
         if not usable:
+            if getattr(entry, "paired", False):
+                raise TunerError(
+                    f"{entry.path}: no usable (target, control) pair; each target needs a "
+                    "readable control image (data.datasets[].control_dir: same file stem)"
+                )
             raise TunerError(
                 f"{entry.path}: no usable images (supported: jpg, png, webp, bmp); "
                 "add images or fix data.datasets[].path"
@@ -129,6 +139,8 @@ def data_fingerprint(items: list[Item]) -> dict:
     digest = hashlib.sha256()
     for item in items:
         digest.update(f"{item.role}\t{item.image_hash}\t{item.caption}\n".encode())
+        for partner in item.controls:  # a changed reference is changed data too
+            digest.update(f"control\t{partner.image_hash}\n".encode())
     return {"sha256": digest.hexdigest(), "images": len(items)}
 
 
@@ -163,6 +175,13 @@ def _items_of(records, entry, data, report: DataReport, role: str) -> list[Item]
             log.warning("skipping %s: unreadable image (%s)", name, reason)
             report.skipped.append(str(name))
             continue
+        try:
+            controls = read_partners(record.controls)
+        except BadPair as exc:
+            name = record.image if isinstance(record.image, str) else record.key
+            log.warning("skipping %s: %s", name, exc.reason)
+            report.skipped.append(str(name))
+            continue
         if buckets:
             size = pick_bucket(
                 width, height, buckets, no_upscale=options.no_upscale, step=options.step
@@ -181,6 +200,8 @@ def _items_of(records, entry, data, report: DataReport, role: str) -> list[Item]
                 role=role,
                 mask=mask,
                 mask_hash=mask_hash,
+                controls=controls,
+                source_size=(width, height),
             )
         )
     return items
@@ -190,6 +211,15 @@ def pixels_of(image: Image.Image) -> torch.Tensor:
     """PIL RGB -> CHW float tensor in [-1, 1]."""
     array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
+def prepare_controls(item: Item, crop: str, flip: bool, rng_state) -> list[torch.Tensor]:
+    """The item's reference images, aligned with its target: rng_state is the random state
+    prepare_image's crop started from (None for a center crop)."""
+    return [
+        pixels_of(prepare_partner(p, item.source_size, item.size, crop, flip, rng_state))
+        for p in item.controls
+    ]
 
 
 def prepare_image(item: Item, crop: str, flip: bool, rng: random.Random | None):

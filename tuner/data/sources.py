@@ -35,6 +35,7 @@ class Record:
     key: str
     caption: str | None
     source: int
+    controls: tuple = ()  # partner images (paths, bytes, or pairs.MISSING), editing data only
 
 
 def list_records(
@@ -46,26 +47,58 @@ def list_records(
     image_column: str | None = None,
     split: str = "train",
     skip_dirs: Mapping[str, str] | None = None,
+    control_dir: str | None = None,
+    control_column: str | None = None,
 ) -> list[Record]:
     """Records for one dataset entry, in a deterministic order. May be empty.
 
     skip_dirs: folders (path -> what they are, e.g. "the output.dir") whose files are never
-    training data even when they lie inside a dataset folder."""
+    training data even when they lie inside a dataset folder. control_dir / control_column:
+    where each record's reference images are (data/pairs.py)."""
     path = os.fspath(path)
+    if control_dir:
+        return _with_partner_files(path, source, caption_ext, dict(skip_dirs or {}), control_dir)
+    columns = (caption_column, image_column, control_column)
     if os.path.isdir(path):
         if any(os.path.exists(os.path.join(path, m)) for m in _SAVED_DATASET_MARKERS):
-            return _from_saved_dataset(path, source, caption_column, image_column, split)
+            return _from_saved_dataset(path, source, *columns, split)
         for name in _METADATA_FILES:
             if os.path.isfile(os.path.join(path, name)):
-                return _from_metadata(path, name, source, caption_column, caption_ext)
+                return _from_metadata(path, name, source, caption_column, control_column)
+        if control_column:
+            raise TunerError(
+                f"{path}: control_column needs a metadata.jsonl/csv or an HF dataset; for a "
+                "folder of images use data.datasets[].control_dir"
+            )
         return _from_folder(path, source, caption_ext, skip_dirs or {})
     if os.path.isfile(path):
         if path.lower().endswith(".parquet"):
-            return _from_parquet(path, source, caption_column, image_column)
+            return _from_parquet(path, source, *columns)
         raise TunerError(f"{path}: unsupported dataset file; use a folder or a .parquet file")
     if _HUB_NAME.match(path):
-        return _from_hub(path, source, caption_column, image_column, split)
+        return _from_hub(path, source, *columns, split)
     raise TunerError(f"{path}: dataset path not found; check data.datasets[..].path")
+
+
+# --- paired data ---------------------------------------------------------------------
+
+
+def _with_partner_files(
+    path: str, source: int, caption_ext: str, skip_dirs: dict, control_dir: str
+) -> list[Record]:
+    from tuner.data.pairs import partner_in
+
+    if not os.path.isdir(path) or not os.path.isdir(control_dir):
+        missing = path if not os.path.isdir(path) else control_dir
+        raise TunerError(
+            f"{missing}: not a folder; data.datasets[].control_dir pairs two folders of "
+            "same-stem images"
+        )
+    skip_dirs[control_dir] = "the control_dir"  # references are not training targets
+    records = _from_folder(path, source, caption_ext, skip_dirs)
+    for record in records:
+        record.controls = (partner_in(control_dir, record.image, path),)
+    return records
 
 
 # --- folders ----------------------------------------------------------------------
@@ -153,7 +186,7 @@ def _read_sidecar(image_path: str, caption_ext: str) -> str | None:
 
 
 def _from_metadata(
-    root: str, name: str, source: int, caption_column: str | None, caption_ext: str
+    root: str, name: str, source: int, caption_column: str | None, control_column: str | None
 ) -> list[Record]:
     """HF imagefolder layout (`file_name` + a caption column in metadata.jsonl/csv), read by
     `datasets` itself through its `imagefolder` builder."""
@@ -167,7 +200,7 @@ def _from_metadata(
             f"{os.path.join(root, name)}: not a readable HF imagefolder ({first}); each row "
             "needs a file_name next to the images and a caption column"
         ) from e
-    return _from_hf(ds, root, source, caption_column, None)
+    return _from_hf(ds, root, source, caption_column, None, control_column, root)
 
 
 def _read_jsonl(path: str) -> list[dict[str, Any]]:
@@ -192,16 +225,16 @@ def _read_csv(path: str) -> list[dict[str, Any]]:
 
 
 def _from_parquet(
-    path: str, source: int, caption_column: str | None, image_column: str | None
+    path: str, source: int, caption_column: str | None, image_column: str | None, control_column
 ) -> list[Record]:
     import datasets
 
     ds = datasets.load_dataset("parquet", data_files=[os.path.abspath(path)], split="train")
-    return _from_hf(ds, path, source, caption_column, image_column)
+    return _from_hf(ds, path, source, caption_column, image_column, control_column)
 
 
 def _from_saved_dataset(
-    path: str, source: int, caption_column: str | None, image_column: str | None, split: str
+    path: str, source: int, caption_column, image_column, control_column, split: str
 ) -> list[Record]:
     import datasets
 
@@ -212,11 +245,11 @@ def _from_saved_dataset(
                 f"{path}: no split '{split}' (splits: {', '.join(ds)}); set data.datasets[..].split"
             )
         ds = ds[split]
-    return _from_hf(ds, path, source, caption_column, image_column)
+    return _from_hf(ds, path, source, caption_column, image_column, control_column)
 
 
 def _from_hub(
-    name: str, source: int, caption_column: str | None, image_column: str | None, split: str
+    name: str, source: int, caption_column, image_column, control_column, split: str
 ) -> list[Record]:
     import datasets
 
@@ -227,28 +260,44 @@ def _from_hub(
             f"{name}: not a local path, and loading it from the Hugging Face Hub failed "
             f"({type(e).__name__}: {e}); check data.datasets[..].path"
         ) from e
-    return _from_hf(ds, name, source, caption_column, image_column)
+    return _from_hf(ds, name, source, caption_column, image_column, control_column)
 
 
 def _from_hf(
-    ds: Any, name: str, source: int, caption_column: str | None, image_column: str | None
+    ds: Any,
+    name: str,
+    source: int,
+    caption_column: str | None,
+    image_column: str | None,
+    control_column: str | None = None,
+    root: str | None = None,
 ) -> list[Record]:
     import datasets
+    from tuner.data.pairs import column_partners
 
     columns = list(ds.column_names)
     image_col = _image_column(ds.features, image_column, name)
     caption_col = _caption_column(columns, caption_column, name)
-    ds = ds.select_columns([c for c in (image_col, caption_col) if c])
-    if isinstance(ds.features[image_col], datasets.Image):
-        # Skip decoding: we only want the encoded bytes (or path) for the Record.
-        ds = ds.cast_column(image_col, datasets.Image(decode=False))
+    if control_column is not None and control_column not in columns:
+        raise TunerError(
+            f"{name}: no control column '{control_column}' (columns: {', '.join(columns)}); "
+            "fix data.datasets[..].control_column"
+        )
+    ds = ds.select_columns([c for c in (image_col, caption_col, control_column) if c])
+    for column in (image_col, control_column):
+        if column and isinstance(ds.features[column], datasets.Image):
+            # Skip decoding: we only want the encoded bytes (or path) for the Record.
+            ds = ds.cast_column(column, datasets.Image(decode=False))
+    if root is None:
+        root = name if os.path.isdir(name) else os.path.dirname(os.path.abspath(name))
 
     records = []
     for row_index, row in enumerate(ds):
         image = _image_value(row[image_col], f"{name} row {row_index}")
         caption = _as_caption(row[caption_col]) if caption_col else None
         key = f"{name}:{row_index}"
-        records.append(Record(image=image, key=key, caption=caption, source=source))
+        controls = column_partners(row[control_column], root) if control_column else ()
+        records.append(Record(image, key, caption, source, controls))
     return records
 
 

@@ -105,6 +105,9 @@ class FamilySpec:
     # whether model.text_encoder_quantize / text_encoder_offload apply: families with a T5 or
     # LLM encoder, which is what does not fit beside the denoiser (CLIP-only families: no)
     text_encoder_memory: bool = False
+    # Reference images per sample: 0 for text-to-image families (control_dir/control_column
+    # refused); editing families need at least one (datasets without controls refused).
+    controls: int = 0
     # model-section options beyond the source this family applies (others are refused)
     model_options: tuple[str, ...] = ()
 
@@ -240,6 +243,14 @@ class FamilyBase:
         vae = comps.vae
         posterior = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
         latents = posterior.sample(generator=generator)
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        return (latents - shift) * vae.config.scaling_factor
+
+    def encode_controls(self, comps, pixels) -> torch.Tensor:
+        """Reference images -> latents as editing pipelines encode them: the posterior's mode
+        (no noise), scaled and shifted like encode_images."""
+        vae = comps.vae
+        latents = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.mode()
         shift = getattr(vae.config, "shift_factor", None) or 0.0
         return (latents - shift) * vae.config.scaling_factor
 

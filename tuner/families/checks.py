@@ -38,6 +38,7 @@ def validate_common(spec: FamilySpec, recipe) -> None:
             f"train.channels_last: applies to UNet families (sd15, sd2, sdxl); {spec.name}'s "
             "transformer has no convolutions to speed up; remove it"
         )
+    check_controls(spec, recipe)
     if spec.objective == "ddpm":
         for key in FLOW_ONLY:
             if key in train.model_fields_set:
@@ -89,4 +90,33 @@ def validate_text_encoder_memory(spec: FamilySpec, recipe) -> None:
         raise TunerError(
             f"model.text_encoder_offload: prompts are encoded every step ({why}), so the "
             "encoder would be streamed from the CPU every step; cache the prompts or remove it"
+        )
+
+
+def check_controls(spec: FamilySpec, recipe) -> None:
+    """Paired data goes to editing families only, and editing families need it."""
+    for index, entry in enumerate(recipe.data.datasets):
+        key = "control_dir" if entry.control_dir else "control_column"
+        if entry.paired and not spec.controls:
+            raise TunerError(
+                f"data.datasets.{index}.{key}: {spec.name} does not take reference images; "
+                "remove it, or train an editing family (flux-kontext, qwen-image-edit)"
+            )
+        if spec.controls and not entry.paired:
+            raise TunerError(
+                f"data.datasets.{index}: {spec.name} trains on (reference, target) pairs; "
+                "set control_dir (a folder of same-stem reference images) or control_column"
+            )
+    if spec.controls and recipe.dreambooth is not None:
+        raise TunerError(
+            f"dreambooth: {spec.name} trains on (reference, target) pairs, and DreamBooth "
+            "folders have none; use data.datasets[] with control_dir"
+        )
+    if recipe.sample.controls and not spec.controls:
+        raise TunerError(f"sample.controls: {spec.name} does not take reference images; remove it")
+    prompts, controls = recipe.sample.prompts, recipe.sample.controls
+    if spec.controls and prompts and len(controls) != len(prompts):
+        raise TunerError(
+            f"sample.controls: {spec.name} edits a reference image; give one per prompt "
+            f"({len(prompts)} prompts, {len(controls)} controls)"
         )

@@ -71,6 +71,10 @@ def load_pipeline_modules(family, model, dtype: torch.dtype, components: dict | 
         for name, module in modules.items():
             if dtype != torch.float32 and name not in extras and hasattr(module, "to"):
                 module.to(dtype=dtype)
+            if name not in extras and isinstance(module, torch.nn.Module):
+                # eval mode, as from_pretrained returns modules (and as the trainer holds the
+                # frozen ones: an editing pipeline's VAE encode differs in its last bits)
+                module.eval()
         return pipe
     if kind == "file":
         return _from_single_file(family, model, dtype, extras)

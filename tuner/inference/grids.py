@@ -46,6 +46,9 @@ def label_lines(cell: Cell, axes: tuple[str, ...]) -> list[str]:
     lines = []
     for axis in axes:
         value = getattr(cell, axis)
+        if axis == "control":  # a reference image: its file name
+            lines.append(Path(value).name)
+            continue
         lines.append(
             f"{axis} {value:g}"
             if axis == "scale"
@@ -172,10 +175,13 @@ def training_grid(
     recipe, output_dir: Path, family, comps, step: int, accelerator, ema=None
 ) -> Path | None:
     """Grid of the recipe's fixed prompts x seeds (rows) x adapter scales (columns); with
-    train.ema, the average's own columns beside them (adapter "ema", every scale but 0)."""
-    if not recipe.sample.prompts:
+    train.ema, the average's own columns beside them (adapter "ema", every scale but 0); for
+    an editing family each row starts with its reference image: reference | base edit | LoRA."""
+    sample = recipe.sample
+    if not sample.prompts:
         return None
     device = accelerator.device
+    size = recipe.data.resolution
     pipe = grid_pipeline(recipe, family, comps)
     cells, averaged = grid_cells(recipe, step, ema)
     was_training = comps.denoiser.training
@@ -193,8 +199,12 @@ def training_grid(
             with ema.swapped_in():
                 render_calls(cell_calls(pipe, averaged, recipe, device))
     comps.denoiser.train(was_training)
-    cols = ("adapter", "scale") if averaged else ("scale",)
-    sheet, meta = make_grid(cells + averaged, ("prompt", "seed"), cols)
+    cells = cells + averaged
+    rows, columns = ("prompt", "seed"), ("adapter", "scale") if averaged else ("scale",)
+    if sample.controls:
+        cells = with_references(cells, sample.width or size, sample.height or size)
+        rows, columns = ("prompt", "control", "seed"), ("adapter",)  # reference | base | LoRA
+    sheet, meta = make_grid(cells, rows, columns)
     path = save_grid(sheet, meta, Path(output_dir) / "samples" / f"step-{step:06d}.png")
     _log_images(accelerator, sheet, step)
     return path
@@ -210,20 +220,30 @@ def grid_pipeline(recipe, family, comps):
 def grid_cells(recipe, step: int, ema) -> tuple[list[Cell], list[Cell]]:
     """The grid's cells, and the EMA adapter's (none without train.ema)."""
     sample = recipe.sample
+    controls = sample.controls or [""] * len(sample.prompts)
     places = [
-        (p, seed, scale) for p in sample.prompts for seed in sample.seeds for scale in sample.scales
+        (p, control, seed, scale)
+        for p, control in zip(sample.prompts, controls, strict=True)
+        for seed in sample.seeds
+        for scale in sample.scales
     ]
-    cells = [Cell(p, seed, scale, step, adapter_label(scale, ema)) for p, seed, scale in places]
+    cells = [
+        Cell(p, seed, scale, step, adapter_label(scale, ema, control), control=control)
+        for p, control, seed, scale in places
+    ]
     averaged = [
-        Cell(p, seed, scale, step, "ema")
-        for p, seed, scale in places
+        Cell(p, seed, scale, step, f"EMA edit x{scale:g}" if control else "ema", control=control)
+        for p, control, seed, scale in places
         if ema is not None and scale != 0
     ]
     return cells, averaged
 
 
-def adapter_label(scale: float, ema) -> str:
-    """With an EMA column the adapter axis is labelled: base (scale 0), raw, ema."""
+def adapter_label(scale: float, ema, control: str = "") -> str:
+    """Editing grids label every column (base edit, LoRA edit); with an EMA column the adapter
+    axis is labelled base (scale 0), raw, ema."""
+    if control:
+        return edit_label(scale)
     if ema is None:
         return ""
     return "base" if scale == 0 else "raw"
@@ -271,6 +291,32 @@ def pre_encode_sample_prompts(recipe, family, comps, device) -> None:
     calls = cell_calls(pipe, cells, recipe, device)
     kept = text_encoders.pre_encode(comps, pipe, device, [call for _, call in calls])
     log.info("sample prompts: %d encodings kept for the grids", kept)
+
+
+def edit_label(scale: float) -> str:
+    return "base edit" if scale == 0 else f"LoRA edit x{scale:g}"
+
+
+def with_references(cells: list[Cell], width: int, height: int) -> list[Cell]:
+    """Before each row's edits, a cell showing the reference image it edits."""
+    from tuner.inference.render import load_control
+
+    out: list[Cell] = []
+    for cell in cells:
+        if not any(
+            c.adapter == "reference"
+            and c.prompt == cell.prompt
+            and c.seed == cell.seed
+            and c.control == cell.control
+            for c in out
+        ):
+            reference = Cell(
+                cell.prompt, cell.seed, 0.0, cell.step, "reference", control=cell.control
+            )
+            reference.image = load_control(cell.control, width, height)
+            out.append(reference)
+        out.append(cell)
+    return out
 
 
 def _log_images(accelerator, sheet: Image.Image, step: int) -> None:

@@ -35,6 +35,7 @@ class Cell:
     step: int | None = None
     adapter: str = ""
     image: Image.Image | None = field(default=None, repr=False)
+    control: str = ""  # editing families: the reference image this cell edits
 
     def settings(self) -> dict:
         return {k: v for k, v in asdict(self).items() if k != "image"}
@@ -108,10 +109,41 @@ def render_batch(
         "output_type": "pil",
     }
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    if width and height and pipeline_default(pipe, "max_area") is not None:
+        # FluxKontextPipeline rescales width x height to max_area (1024^2) unless told
+        kwargs["max_area"] = width * height
     if negative_prompt:
         kwargs["negative_prompt"] = [negative_prompt] * len(cells)
+    if cells[0].control:
+        kwargs.update(control_arguments(pipe, cells, width, height))
     with lora_scale(pipeline_modules(pipe), cells[0].scale):
-        return pipe([cell.prompt for cell in cells], **kwargs).images
+        # prompt by name: editing pipelines take the reference image first
+        return pipe(prompt=[cell.prompt for cell in cells], **kwargs).images
+
+
+def load_control(path: str, width: int | None, height: int | None) -> Image.Image:
+    """A reference image at the output size: training sees each reference at its target's
+    size, so sampling gives it at the size the edit is rendered at."""
+    from tuner.data.images import BadImage, load_image
+
+    try:
+        image = load_image(path)
+    except BadImage as exc:
+        raise TunerError(f"control image {path}: unreadable ({exc.reason})") from exc
+    if width and height and image.size != (width, height):
+        image = image.resize((width, height), Image.Resampling.BICUBIC)
+    return image
+
+
+def control_arguments(pipe, cells: list[Cell], width, height) -> dict:
+    """The reference images of a batch, as the editing pipeline takes them."""
+    images = [load_control(cell.control, width, height) for cell in cells]
+    arguments: dict = {"image": images}
+    if pipeline_default(pipe, "_auto_resize") is not None:
+        # FluxKontextPipeline would resize the reference to one of Kontext's preferred
+        # sizes; it trained at its target's size, so keep that.
+        arguments["_auto_resize"] = False
+    return arguments
 
 
 def png_info(settings: dict) -> PngInfo:

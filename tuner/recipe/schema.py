@@ -120,6 +120,21 @@ class DatasetEntry(Section):
     # A folder of masks with the images' stems (subfolders mirrored): white trains, black not.
     mask_dir: str | None = None
 
+    # Paired (editing) data: the reference image of each target. control_dir: a folder of
+    # same-stem files; control_column: a metadata/HF column (one image or a list of them).
+    control_dir: str | None = None
+    control_column: str | None = None
+
+    @model_validator(mode="after")
+    def _one_control_source(self) -> DatasetEntry:
+        if self.control_dir and self.control_column:
+            raise ValueError("control_dir and control_column both set; name the references one way")
+        return self
+
+    @property
+    def paired(self) -> bool:
+        return bool(self.control_dir or self.control_column)
+
 
 class ValidationSplit(Section):
     """Hold out a fraction of the training images (chosen by a seeded hash of each image)."""
@@ -363,6 +378,7 @@ class SampleSection(Section):
     width: int | None = Field(None, ge=8)
     height: int | None = Field(None, ge=8)
     scheduler: Literal["default", "euler", "euler_a", "dpm++2m", "ddim"] = "default"
+    controls: list[str] = Field(default_factory=list)  # editing families: one image per prompt
 
 
 class OutputSection(Section):
