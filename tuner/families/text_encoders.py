@@ -34,7 +34,8 @@ from tuner.errors import TunerError
 
 log = logging.getLogger("tuner")
 
-ENCODER_NAMES = ("text_encoder", "text_encoder_2", "text_encoder_3")
+# text_encoder_4: HiDream's Llama-3.1-8B.
+ENCODER_NAMES = ("text_encoder", "text_encoder_2", "text_encoder_3", "text_encoder_4")
 
 
 def bnb_config(kind: str, dtype: torch.dtype):
