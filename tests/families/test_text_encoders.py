@@ -399,3 +399,37 @@ def test_nf4_flux2_klein_trains_with_its_encoder_off_the_device_after_caching(ma
     assert {p.device.type for p in encoder.parameters()} == {"cpu"}
     assert len(result.comps.encoded_prompts) >= 1
     assert (result.output_dir / "samples" / "step-000002.png").is_file()
+
+
+def single_transformer_file(base: str, comps, folder) -> str:
+    """The transformer alone as users download it (BFL names for flux2, ComfyUI's for hidream)."""
+    from safetensors.torch import save_file
+
+    state = comps.denoiser.state_dict()
+    if "flux2" in base:
+        from test_flux2 import bfl_checkpoint
+
+        state, name = bfl_checkpoint(state), "flux2-dev.safetensors"
+    else:
+        state = {f"model.diffusion_model.{k}": v.contiguous() for k, v in state.items()}
+        name = "hidream_i1_full_tiny.safetensors"
+    save_file(state, str(folder / name))
+    return str(folder / name)
+
+
+@pytest.mark.parametrize("base", ["builtin:tiny-flux2-dev", "builtin:tiny-hidream"])
+def test_folder_and_single_file_encoders_load_quantized_like_the_builtin(base, tmp_path):
+    family, comps = load(base)
+    folder = tmp_path / ("FLUX.2-dev-tiny" if "flux2" in base else "HiDream-I1-Full-tiny")
+    family.build_pipeline(comps).save_pretrained(folder)
+    file = single_transformer_file(base, comps, tmp_path)
+    with torch.no_grad():
+        encoded = {}
+        for source, config in ((base, None), (str(folder), None), (file, str(folder))):
+            _, loaded = load(source, config=config, text_encoder_quantize="nf4")
+            assert set(loaded.text_encoders) == set(comps.text_encoders)
+            assert all(text_encoders.is_quantized(e) for e in loaded.text_encoders.values())
+            encoded[source] = family.encode_prompts(loaded, PROMPTS)
+    built = encoded.pop(base)
+    for other in encoded.values():  # the same weights quantized the same way
+        assert all(torch.equal(other[k], built[k]) for k in built)

@@ -375,11 +375,11 @@ def load_transformer_file(family, model, dtype: torch.dtype):
             f"model.path: could not load {path.name} as a FLUX.2 transformer ({first}); set "
             "model.config to a FLUX.2 diffusers folder or hub id"
         ) from None
+    if model.quantize != "none":  # off the GPU before a quantized Mistral loads onto it
+        quantize.park(transformer, model.quantize)
     rest = model.model_copy(update={"path": config, "config": None})
     shim = as_pipeline(family, pipeline_name(rest) if source_kind(config) != "hub" else name)
     components = {"transformer": transformer, **text_encoders.quantized_components(rest, dtype)}
     pipe = load_pipeline_modules(shim, rest, dtype, components)
-    if model.quantize != "none":
-        quantize.park(pipe.transformer, model.quantize)
     text_encoders.quantize_loaded(pipe, model, dtype)
     return pipe

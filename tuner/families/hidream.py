@@ -380,11 +380,10 @@ def load_single_file(family, model, dtype: torch.dtype):
                 f"model.path: could not load {path.name} as a HiDream transformer ({first}); "
                 "set model.config to a HiDream diffusers folder or hub id"
             ) from None
+    if kind != "none":  # off the GPU before quantized encoders load onto it
+        quantize.park(transformer, kind)
     rest = model.model_copy(update={"path": model.config, "config": None, "quantize": "none"})
-    pipe = load_with_llama(family, rest, dtype, {"transformer": transformer})
-    if kind != "none":
-        quantize.park(pipe.transformer, kind)
-    return pipe
+    return load_with_llama(family, rest, dtype, {"transformer": transformer})
 
 
 def load_with_llama(family, model, dtype: torch.dtype, components: dict | None = None):
@@ -392,20 +391,19 @@ def load_with_llama(family, model, dtype: torch.dtype, components: dict | None =
     no Llama (it is gated): text_encoder_4 / tokenizer_4 come from the folder when it has
     them, else from meta-llama's repo, as in diffusers' docs and HiDream training script."""
     components = dict(components or {})
-    local = Path(model.path).expanduser()
-    if not (local / "text_encoder_4" / "config.json").is_file():
-        components.update(llama_parts(model, dtype))
-    skip = [name for name in components if name.startswith("text_encoder")]
-    components.update(text_encoders.quantized_components(model, dtype, skip=skip))
     kind = model.quantize
     if kind != "none" and "transformer" not in components:
         quantize.require_quantizable(kind)
         components["transformer"] = quantize.load_quantized(
             HiDreamImageTransformer2DModel, model, kind, dtype
         )
+        quantize.park(components["transformer"], kind)  # before quantized encoders load
+    local = Path(model.path).expanduser()
+    if not (local / "text_encoder_4" / "config.json").is_file():
+        components.update(llama_parts(model, dtype))
+    skip = [name for name in components if name.startswith("text_encoder")]
+    components.update(text_encoders.quantized_components(model, dtype, skip=skip))
     pipe = load_pipeline_modules(family, model, dtype, components)
-    if kind != "none":
-        quantize.park(pipe.transformer, kind)
     text_encoders.quantize_loaded(pipe, model, dtype)  # what is still in full precision
     return pipe
 
