@@ -26,6 +26,8 @@ model.config (a diffusers folder or hub id).
 Memory: the four encoders (CLIP-L 0.12B, CLIP-G 0.69B, T5-XXL 4.76B, Llama 8.03B: 27 GB in
 bf16) never share the GPU with the transformer; `text_encoding_phase` puts them there one at a
 time while prompts are cached, so the largest (Llama, 16 GB bf16) bounds the caching phase.
+With model.text_encoder_quantize all four load quantized (text_encoder_4 too, from the folder or
+meta-llama's repo); with model.text_encoder_offload each is streamed layer by layer in its turn.
 """
 
 from __future__ import annotations
