@@ -248,3 +248,188 @@ def test_class_images_render_without_the_quantized_encoder_on_the_device(
         name = dreambooth.class_image_path(kept, index).name
         a, b = Image.open(kept / name), Image.open(live / name)
         assert np.array_equal(np.asarray(a), np.asarray(b))
+
+
+# --- flux2 (Mistral Small 3.1 / Qwen3) and hidream (CLIP-L, CLIP-G, T5, Llama-3.1) -------------
+
+LARGE_ENCODER_FAMILIES = [
+    "builtin:tiny-flux2-dev",
+    "builtin:tiny-flux2-klein",
+    "builtin:tiny-hidream",
+]
+
+
+def record_into(called: dict, name: str, encoder, run) -> None:
+    called[name] = (encoder, linears_called(encoder, run))
+
+
+@pytest.mark.parametrize(
+    ("base", "kind"),
+    [
+        ("builtin:tiny-flux2-dev", "nf4"),
+        ("builtin:tiny-flux2-klein", "nf4"),
+        # int8 here: nf4 on hidream's 32-wide toy T5 falls just under the correlation bound.
+        ("builtin:tiny-hidream", "int8"),
+    ],
+)
+def test_quantized_large_encoders_give_every_output_close_to_full_precision(base, kind):
+    family, full = load(base)
+    _, quantized = load(base, text_encoder_quantize=kind)
+    assert set(quantized.text_encoders) == set(full.text_encoders)
+    with torch.no_grad():
+        reference = family.encode_prompts(full, PROMPTS)
+        encoded = {}
+        run = lambda: encoded.update(family.encode_prompts(quantized, PROMPTS))  # noqa: E731
+        called = {}
+        for name, encoder in quantized.text_encoders.items():  # each encoder's hooks, one run
+            run = functools.partial(record_into, called, name, encoder, run)
+        run()
+    assert set(called) == set(quantized.text_encoders)
+    for name, (encoder, ran) in called.items():
+        kept = encoder.hf_quantizer.modules_to_not_convert
+        plain = {n for n, cls in ran.items() if cls is not BNB_LAYERS[kind]}
+        assert all(any(n.split(".")[-1] == k or n == k for k in kept) for n in plain), name
+        assert sum(cls is BNB_LAYERS[kind] for cls in ran.values()) > len(plain), name
+    most_error, least_correlation = BOUNDS[kind]
+    assert set(encoded) == set(reference)
+    for key, ref in reference.items():
+        got = encoded[key]
+        assert got.shape == ref.shape and not torch.equal(got, ref), key
+        relative = ((got - ref).norm() / ref.norm()).item()
+        correlation = torch.corrcoef(torch.stack([got.flatten(), ref.flatten()]))[0, 1]
+        assert relative < most_error and correlation > least_correlation, key
+
+
+@pytest.mark.parametrize("base", ["builtin:tiny-flux2-dev", "builtin:tiny-hidream"])
+def test_offloaded_large_encoders_stream_each_block_and_equal_plain_encoding(base, monkeypatch):
+    from tuner.families import hidream
+
+    family, comps = load(base, text_encoder_offload=True)
+    plain_comps = comps
+    comps = text_encoders.mark(comps, ModelSection(path=base, text_encoder_offload=True))
+    moved, ran, whole = [], [], []
+    to, on_device = text_encoders._to, hidream.on_device
+
+    def fetch(device, block, args) -> None:
+        moved.append(block)
+        to(device, block, args)
+
+    def whole_on_device(modules, device):  # hidream's one-encoder-at-a-time placement
+        modules = list(modules)
+        whole.append(modules)
+        return on_device(modules, device)
+
+    monkeypatch.setattr(text_encoders, "_to", fetch)
+    monkeypatch.setattr(hidream, "on_device", whole_on_device)
+    blocks = [
+        block
+        for encoder in comps.text_encoders.values()
+        for ml in text_encoders.layer_lists(encoder)
+        for block in ml
+    ]
+    with torch.no_grad():
+        plain = family.encode_prompts(plain_comps, PROMPTS)
+        whole.clear()
+        handles = [b.register_forward_hook(lambda m, *_: ran.append(m) and None) for b in blocks]
+        with family.text_encoding_phase(comps, "cpu"):
+            streamed = family.encode_prompts(comps, PROMPTS)
+        for handle in handles:
+            handle.remove()
+    assert set(streamed) == set(plain)
+    assert all(torch.equal(streamed[k], plain[k]) for k in plain)
+    # Every block that ran was fetched for its own forward, once; no encoder went whole.
+    assert ran and sorted(map(id, moved)) == sorted(map(id, ran))
+    assert whole == []
+    for encoder in comps.text_encoders.values():  # each encoder's main stack ran entirely
+        stack = max(text_encoders.layer_lists(encoder), key=len)
+        assert all(any(b is r for r in ran) for b in stack)
+
+
+@pytest.mark.parametrize("base", LARGE_ENCODER_FAMILIES)
+def test_grid_prompts_of_large_encoder_families_are_pre_encoded(make_recipe, base, monkeypatch):
+    """The grid's encode_prompt calls are what pre-encoding intercepts: rendered with no
+    encoder forward, the same pixels as with the encoders live."""
+    recipe = make_recipe(
+        "model.text_encoder_quantize=nf4",
+        "data.resolution=32",
+        "train.max_sequence_length=16",
+        "sample.prompts=[a red circle]",
+        "sample.steps=2",
+        base=base,
+    )
+    family, comps = load(base, text_encoder_quantize="nf4")
+    comps = text_encoders.mark(family.configure(comps, recipe), recipe.model)
+    grids.pre_encode_sample_prompts(recipe, family, comps, "cpu")
+    assert len(comps.encoded_prompts) >= 1
+    calls = []
+    handles = [
+        e.register_forward_hook(lambda *_: calls.append(1) and None)
+        for e in comps.text_encoders.values()
+    ]
+
+    class Cpu:
+        device = torch.device("cpu")
+        trackers = ()
+
+    out = recipe.output.dir
+    path = grids.training_grid(recipe, out, family, comps, 1, Cpu())
+    for handle in handles:
+        handle.remove()
+    assert calls == []
+    kept = np.asarray(Image.open(path))
+    live = replace(comps, text_encoder_quantize="none", encoded_prompts={})
+    grids.training_grid(recipe, out, family, live, 1, Cpu())
+    assert np.array_equal(kept, np.asarray(Image.open(path)))
+
+
+def test_nf4_flux2_klein_trains_with_its_encoder_off_the_device_after_caching(make_recipe):
+    recipe = make_recipe(
+        "model.text_encoder_quantize=nf4",
+        "data.resolution=32",
+        "train.max_sequence_length=16",
+        "train.steps=2",
+        "sample.prompts=[a star]",
+        "sample.steps=2",
+        "sample.every=1",
+        base="builtin:tiny-flux2-klein",
+    )
+    result = run_training(recipe)
+    encoder = result.comps.text_encoders["text_encoder"]
+    assert any(isinstance(m, Linear4bit) for m in encoder.modules())
+    assert {p.device.type for p in encoder.parameters()} == {"cpu"}
+    assert len(result.comps.encoded_prompts) >= 1
+    assert (result.output_dir / "samples" / "step-000002.png").is_file()
+
+
+def single_transformer_file(base: str, comps, folder) -> str:
+    """The transformer alone as users download it (BFL names for flux2, ComfyUI's for hidream)."""
+    from safetensors.torch import save_file
+
+    state = comps.denoiser.state_dict()
+    if "flux2" in base:
+        from test_flux2 import bfl_checkpoint
+
+        state, name = bfl_checkpoint(state), "flux2-dev.safetensors"
+    else:
+        state = {f"model.diffusion_model.{k}": v.contiguous() for k, v in state.items()}
+        name = "hidream_i1_full_tiny.safetensors"
+    save_file(state, str(folder / name))
+    return str(folder / name)
+
+
+@pytest.mark.parametrize("base", ["builtin:tiny-flux2-dev", "builtin:tiny-hidream"])
+def test_folder_and_single_file_encoders_load_quantized_like_the_builtin(base, tmp_path):
+    family, comps = load(base)
+    folder = tmp_path / ("FLUX.2-dev-tiny" if "flux2" in base else "HiDream-I1-Full-tiny")
+    family.build_pipeline(comps).save_pretrained(folder)
+    file = single_transformer_file(base, comps, tmp_path)
+    with torch.no_grad():
+        encoded = {}
+        for source, config in ((base, None), (str(folder), None), (file, str(folder))):
+            _, loaded = load(source, config=config, text_encoder_quantize="nf4")
+            assert set(loaded.text_encoders) == set(comps.text_encoders)
+            assert all(text_encoders.is_quantized(e) for e in loaded.text_encoders.values())
+            encoded[source] = family.encode_prompts(loaded, PROMPTS)
+    built = encoded.pop(base)
+    for other in encoded.values():  # the same weights quantized the same way
+        assert all(torch.equal(other[k], built[k]) for k in built)

@@ -73,7 +73,8 @@ def validate_text_encoder_memory(spec: FamilySpec, recipe) -> None:
     if not spec.text_encoder_memory:
         raise TunerError(
             f"model.{keys[0]}: applies to families with a T5 or LLM text encoder (sd3, flux, "
-            f"chroma, qwen-image, z-image); {spec.name}'s CLIP encoders are small, remove it"
+            f"chroma, qwen-image, z-image, flux2, hidream); {spec.name}'s CLIP encoders are "
+            "small, remove it"
         )
     if recipe.adapter.text_encoder:
         raise TunerError(

@@ -38,7 +38,7 @@ from diffusers import Flux2Transformer2DModel
 from diffusers.pipelines.flux2.pipeline_flux2 import compute_empirical_mu
 
 from tuner.errors import TunerError
-from tuner.families import mmdit, quantize
+from tuner.families import mmdit, quantize, text_encoders
 from tuner.families.base import (
     Components,
     ExportNaming,
@@ -107,6 +107,7 @@ class Flux2Family(FamilyBase):
         objective="flow",
         text_encoder_lora=False,  # Flux2LoraLoaderMixin loads transformer LoRA only
         quantize=True,
+        text_encoder_memory=True,  # Mistral Small 3.1 24B / Qwen3
     )
 
     def validate(self, recipe) -> None:
@@ -243,7 +244,8 @@ class Flux2Objective(FlowMatchObjective):
         return compute_empirical_mu(self.image_seq_len(latent_shape), SHIFT_STEPS)
 
 
-# Class images are rendered with the transformer and the text encoder on the GPU together.
+# Class images are rendered with the transformer and (unless model.text_encoder_quantize or
+# text_encoder_offload keeps it off the device) the text encoder on the GPU together.
 # GiB of weights (1 GiB = 2^30 bytes): dev's 32.2B transformer per model.quantize, Mistral Small
 # 3.1 (24.0B) in bf16, plus ~3 GiB for the VAE, activations and the CUDA context.
 DEV_TRANSFORMER_GIB = {"none": 60.0, "int8": 30.0, "nf4": 15.5}
@@ -264,13 +266,18 @@ def refuse_class_generation_that_cannot_fit(recipe) -> None:
         return
     if not torch.cuda.is_available():
         return
-    needed = DEV_TRANSFORMER_GIB[recipe.model.quantize] + MISTRAL_GIB + 3.0
+    # A quantized or offloaded Mistral encodes the class prompt first and renders without it.
+    model = recipe.model
+    encoder_off = model.text_encoder_quantize != "none" or model.text_encoder_offload
+    needed = DEV_TRANSFORMER_GIB[model.quantize] + (0.0 if encoder_off else MISTRAL_GIB) + 3.0
     have = torch.cuda.get_device_properties(0).total_memory / 2**30
     if have < needed:
+        beside = "" if encoder_off else " + Mistral 24B in bf16"
         raise TunerError(
             f"dreambooth: rendering class images with FLUX.2-dev needs ~{needed:.0f} GiB on the "
-            f"GPU (transformer + Mistral 24B in bf16), this one has {have:.0f}; render them on "
-            "a larger card and set dreambooth.class_dir, or with_prior_preservation=false"
+            f"GPU (transformer{beside}), this one has {have:.0f}; set model.quantize=nf4 and "
+            "model.text_encoder_quantize=nf4, or render them on a larger card and set "
+            "dreambooth.class_dir"
         )
 
 
@@ -368,9 +375,11 @@ def load_transformer_file(family, model, dtype: torch.dtype):
             f"model.path: could not load {path.name} as a FLUX.2 transformer ({first}); set "
             "model.config to a FLUX.2 diffusers folder or hub id"
         ) from None
+    if model.quantize != "none":  # off the GPU before a quantized Mistral loads onto it
+        quantize.park(transformer, model.quantize)
     rest = model.model_copy(update={"path": config, "config": None})
     shim = as_pipeline(family, pipeline_name(rest) if source_kind(config) != "hub" else name)
-    pipe = load_pipeline_modules(shim, rest, dtype, {"transformer": transformer})
-    if model.quantize != "none":
-        quantize.park(pipe.transformer, model.quantize)
+    components = {"transformer": transformer, **text_encoders.quantized_components(rest, dtype)}
+    pipe = load_pipeline_modules(shim, rest, dtype, components)
+    text_encoders.quantize_loaded(pipe, model, dtype)
     return pipe

@@ -26,6 +26,8 @@ model.config (a diffusers folder or hub id).
 Memory: the four encoders (CLIP-L 0.12B, CLIP-G 0.69B, T5-XXL 4.76B, Llama 8.03B: 27 GB in
 bf16) never share the GPU with the transformer; `text_encoding_phase` puts them there one at a
 time while prompts are cached, so the largest (Llama, 16 GB bf16) bounds the caching phase.
+With model.text_encoder_quantize all four load quantized (text_encoder_4 too, from the folder or
+meta-llama's repo); with model.text_encoder_offload each is streamed layer by layer in its turn.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ from diffusers import HiDreamImageTransformer2DModel
 from tuner.adapters import formats
 from tuner.devices import on_device
 from tuner.errors import TunerError
-from tuner.families import mmdit, quantize
+from tuner.families import mmdit, quantize, text_encoders
 from tuner.families.base import (
     Components,
     ExportNaming,
@@ -121,6 +123,7 @@ class HiDreamFamily(FamilyBase):
         objective="flow",
         text_encoder_lora=False,  # HiDreamImageLoraLoaderMixin loads transformer LoRA only
         quantize=True,
+        text_encoder_memory=True,  # T5-XXL, Llama-3.1-8B
     )
 
     def validate(self, recipe) -> None:
@@ -195,7 +198,10 @@ class HiDreamFamily(FamilyBase):
         length = comps.sequence_length or DEFAULT_SEQUENCE_LENGTH
         device = ENCODE_DEVICE.get() or mmdit.encoder_device(comps)
         encoders = comps.text_encoders
-        with on_device([encoders["text_encoder"], encoders["text_encoder_2"]], device):
+        # Offloaded: each encoder's blocks are streamed to the device in turn (Llama's 32
+        # layers one by one) instead of the whole encoder visiting it.
+        place = text_encoders.streamed if comps.text_encoder_offload else on_device
+        with place([encoders["text_encoder"], encoders["text_encoder_2"]], device):
             pooled = torch.cat(
                 [
                     pipe._get_clip_prompt_embeds(
@@ -207,9 +213,9 @@ class HiDreamFamily(FamilyBase):
                 ],
                 dim=-1,
             )
-        with on_device([encoders["text_encoder_3"]], device):
+        with place([encoders["text_encoder_3"]], device):
             t5 = pipe._get_t5_prompt_embeds(prompts, length, device)
-        with on_device([encoders["text_encoder_4"]], device):
+        with place([encoders["text_encoder_4"]], device):
             llama = pipe._get_llama3_prompt_embeds(prompts, length, device)
         return {
             "pooled_prompt_embeds": pooled,
@@ -376,11 +382,10 @@ def load_single_file(family, model, dtype: torch.dtype):
                 f"model.path: could not load {path.name} as a HiDream transformer ({first}); "
                 "set model.config to a HiDream diffusers folder or hub id"
             ) from None
+    if kind != "none":  # off the GPU before quantized encoders load onto it
+        quantize.park(transformer, kind)
     rest = model.model_copy(update={"path": model.config, "config": None, "quantize": "none"})
-    pipe = load_with_llama(family, rest, dtype, {"transformer": transformer})
-    if kind != "none":
-        quantize.park(pipe.transformer, kind)
-    return pipe
+    return load_with_llama(family, rest, dtype, {"transformer": transformer})
 
 
 def load_with_llama(family, model, dtype: torch.dtype, components: dict | None = None):
@@ -388,29 +393,37 @@ def load_with_llama(family, model, dtype: torch.dtype, components: dict | None =
     no Llama (it is gated): text_encoder_4 / tokenizer_4 come from the folder when it has
     them, else from meta-llama's repo, as in diffusers' docs and HiDream training script."""
     components = dict(components or {})
-    local = Path(model.path).expanduser()
-    if not (local / "text_encoder_4" / "config.json").is_file():
-        components.update(llama_parts(dtype))
     kind = model.quantize
     if kind != "none" and "transformer" not in components:
         quantize.require_quantizable(kind)
         components["transformer"] = quantize.load_quantized(
             HiDreamImageTransformer2DModel, model, kind, dtype
         )
+        quantize.park(components["transformer"], kind)  # before quantized encoders load
+    local = Path(model.path).expanduser()
+    if not (local / "text_encoder_4" / "config.json").is_file():
+        components.update(llama_parts(model, dtype))
+    skip = [name for name in components if name.startswith("text_encoder")]
+    components.update(text_encoders.quantized_components(model, dtype, skip=skip))
     pipe = load_pipeline_modules(family, model, dtype, components)
-    if kind != "none":
-        quantize.park(pipe.transformer, kind)
+    text_encoders.quantize_loaded(pipe, model, dtype)  # what is still in full precision
     return pipe
 
 
-def llama_parts(dtype: torch.dtype) -> dict:
+def llama_parts(model, dtype: torch.dtype) -> dict:
+    """meta-llama's tokenizer and Llama-3.1-8B, quantized when model.text_encoder_quantize asks
+    (loaded so: its bf16 weights are never all in memory)."""
     from transformers import AutoTokenizer, LlamaForCausalLM
 
+    kind = model.text_encoder_quantize
     try:
-        return {
-            "tokenizer_4": AutoTokenizer.from_pretrained(LLAMA_REPO),
-            "text_encoder_4": LlamaForCausalLM.from_pretrained(LLAMA_REPO, dtype=dtype),
-        }
+        tokenizer = AutoTokenizer.from_pretrained(LLAMA_REPO)
+        if kind == "none":
+            llama = LlamaForCausalLM.from_pretrained(LLAMA_REPO, dtype=dtype)
+        else:
+            text_encoders.require_bitsandbytes(kind)
+            llama = text_encoders.load_quantized(LlamaForCausalLM, LLAMA_REPO, kind, dtype)
+        return {"tokenizer_4": tokenizer, "text_encoder_4": llama}
     except OSError as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:120]
         raise TunerError(

@@ -63,21 +63,21 @@ def load_pipeline(family, model, dtype: torch.dtype, transformer_cls, leave_out=
     from tuner.families import text_encoders
 
     components = {name: None for name in leave_out}
-    components.update(text_encoders.quantized_components(model, dtype, skip=leave_out))
     kind = model.quantize
-    if kind == "none":
-        pipe = load_pipeline_modules(family, model, dtype, components)
-        text_encoders.quantize_loaded(pipe, model, dtype)
-        return pipe
-    require_quantizable(kind)
-    if source_kind(model.path) == "builtin":
-        # Built from config: quantize the built weights through the same diffusers loader.
-        pipe = load_pipeline_modules(family, model, dtype, components)
-        pipe.register_modules(transformer=quantize_module(pipe.transformer, kind, dtype))
-    else:
+    builtin = source_kind(model.path) == "builtin"
+    if kind != "none":
+        require_quantizable(kind)
+    if kind != "none" and not builtin:
+        # Parked before quantized encoders load onto the GPU: never both there (FLUX.2 dev's
+        # NF4 transformer and Mistral are 15.5 + 14 GiB).
         components["transformer"] = load_quantized(transformer_cls, model, kind, dtype)
-        pipe = load_pipeline_modules(family, model, dtype, components)
-    park(pipe.transformer, kind)
+        park(components["transformer"], kind)
+    components.update(text_encoders.quantized_components(model, dtype, skip=leave_out))
+    pipe = load_pipeline_modules(family, model, dtype, components)
+    if kind != "none" and builtin:
+        # Built from config: quantize the built weights through the same diffusers loader.
+        pipe.register_modules(transformer=quantize_module(pipe.transformer, kind, dtype))
+        park(pipe.transformer, kind)
     text_encoders.quantize_loaded(pipe, model, dtype)
     return pipe
 

@@ -5,7 +5,8 @@ Quantized encoders are loaded through transformers' own BitsAndBytesConfig (each
 as the pipeline's model_index.json names it), so what encodes the prompts is what transformers
 users load; built (`builtin:`) or single-file encoders are written to a temporary folder and read
 back through the same loader. bitsandbytes quantizes where it loads: on the GPU when there is
-one (the transformer is parked on the CPU until caching is done), else on the CPU.
+one (the transformer is parked on the CPU until caching is done; NF4 encoders are parked there
+too until their encoding phase, int8 ones stay where bitsandbytes put them), else on the CPU.
 
 Prompts are encoded once into the data cache; the encoders then leave the GPU for good. Sample
 prompts (the in-training and final grids) are encoded in the same phase: the grid's pipeline
@@ -34,7 +35,8 @@ from tuner.errors import TunerError
 
 log = logging.getLogger("tuner")
 
-ENCODER_NAMES = ("text_encoder", "text_encoder_2", "text_encoder_3")
+# text_encoder_4: HiDream's Llama-3.1-8B.
+ENCODER_NAMES = ("text_encoder", "text_encoder_2", "text_encoder_3", "text_encoder_4")
 
 
 def bnb_config(kind: str, dtype: torch.dtype):
@@ -83,6 +85,11 @@ def load_quantized(cls, path: str, kind: str, dtype: torch.dtype, **kwargs) -> n
         **kwargs,
     )
     keep_cpu_kernels_working(encoder)
+    if kind == "nf4" and encoder.device.type == "cuda":
+        # Parked (4-bit weights move losslessly) until the encoding phase brings it back, so
+        # it never sits beside the denoiser for DreamBooth's class images before caching.
+        encoder.to("cpu")
+        torch.cuda.empty_cache()
     return encoder
 
 
