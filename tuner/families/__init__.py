@@ -13,7 +13,7 @@ from tuner.families.base import Components, Family, FamilyBase, FamilySpec
 __all__ = ["Components", "Family", "FamilySpec", "for_model", "get", "known_for", "names"]
 
 # Modules of this package that hold no family.
-NOT_FAMILIES = {"base", "checks", "detection", "loading", "mmdit", "quantize"}
+NOT_FAMILIES = {"base", "checks", "detection", "loading", "mmdit", "quantize", "fp8"}
 
 
 @cache

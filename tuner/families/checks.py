@@ -18,7 +18,7 @@ def validate_common(spec: FamilySpec, recipe) -> None:
     for key, off in MODEL_OPTIONS.items():
         if key not in spec.model_options and getattr(model, key) != off:
             raise TunerError(f"model.{key}: does not apply to {spec.name} models; remove it")
-    if model.quantize != "none" and not spec.quantize:
+    if model.quantize not in ("none", "fp8") and not spec.quantize:
         raise TunerError(
             f"model.quantize: {model.quantize} is supported for transformer families "
             f"(sd3, flux), not {spec.name}; set model.quantize=none"

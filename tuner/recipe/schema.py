@@ -30,7 +30,7 @@ class ModelSection(Section):
     vae_path: str | None = None
     config: str | None = None  # diffusers folder/hub id whose configs a single file uses
     prediction_type: Literal["epsilon", "v_prediction"] | None = None
-    quantize: Literal["none", "nf4", "int8"] = "none"
+    quantize: Literal["none", "nf4", "int8", "fp8"] = "none"
     drop_t5: bool = False  # sd3: leave T5-XXL out (zeros in its place), as diffusers allows
     allow_pickle: bool = False
 

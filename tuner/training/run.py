@@ -24,6 +24,7 @@ from tuner.data.sampler import BucketBatchSampler
 from tuner.data.stream import batch_stream
 from tuner.devices import place
 from tuner.errors import TunerError
+from tuner.families import fp8
 from tuner.recipe import Recipe
 from tuner.training import changes, checkpoint, dreambooth
 from tuner.training.loop import Run, run_steps, stop_text_encoder_training
@@ -93,7 +94,7 @@ def run_training(recipe: Recipe, *, count_flops: bool = False) -> TrainingResult
         family = families.for_model(recipe.model)
         family.validate(recipe)
     dtype = DTYPES[recipe.train.mixed_precision]
-    comps = family.load(recipe.model, dtype)
+    comps = fp8.load_components(family, recipe.model, dtype)  # family.load, fp8 if asked
     comps = family.configure(comps, recipe)
     comps.denoiser.requires_grad_(False)
     for module in comps.frozen_modules().values():
