@@ -23,6 +23,11 @@ def validate_common(spec: FamilySpec, recipe) -> None:
             f"model.quantize: {model.quantize} is supported for transformer families "
             f"(sd3, flux), not {spec.name}; set model.quantize=none"
         )
+    if train.offload_blocks and spec.denoiser == "unet":
+        raise TunerError(
+            f"train.offload_blocks: block swap applies to transformer families, not the "
+            f"{spec.name} UNet; set train.offload_blocks=0"
+        )
     if recipe.adapter.text_encoder and not spec.text_encoder_lora:
         raise TunerError(
             f"adapter.text_encoder: text-encoder LoRA is not supported for {spec.name} (its "

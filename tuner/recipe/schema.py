@@ -168,6 +168,7 @@ class TrainSection(Section):
     seed: int = 0
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     gradient_checkpointing: bool = False
+    offload_blocks: int = Field(0, ge=0)  # block swap: the first N blocks' weights in host RAM
     max_grad_norm: float | None = Field(1.0, gt=0)
     noise_offset: float = Field(0.0, ge=0)
     min_snr_gamma: float | None = Field(None, gt=0)

@@ -26,7 +26,7 @@ from tuner.devices import place
 from tuner.errors import TunerError
 from tuner.families import fp8
 from tuner.recipe import Recipe
-from tuner.training import changes, checkpoint, dreambooth
+from tuner.training import block_swap, changes, checkpoint, dreambooth
 from tuner.training.loop import Run, run_steps, stop_text_encoder_training
 from tuner.training.optim import build_optimizer, build_scheduler
 from tuner.training.outputs import check_output_dir, claim_output_dir, finish_outputs
@@ -127,6 +127,7 @@ def run_training(recipe: Recipe, *, count_flops: bool = False) -> TrainingResult
     trained = lora.inject(comps, recipe.adapter, family)
     if recipe.train.gradient_checkpointing:
         comps.denoiser.enable_gradient_checkpointing()
+    block_swap.install(family, comps.denoiser, recipe.train.offload_blocks, device)
     comps.denoiser.to(device)
     optimizer = build_optimizer(parameter_groups(trained, family, recipe), recipe.train, device)
     scheduler = build_scheduler(optimizer, recipe.train)
