@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from tuner.adapters import lora
 from tuner.errors import TunerError
 from tuner.objectives.common import weighted_mse
-from tuner.training import checkpoint
+from tuner.training import checkpoint, sharding
 
 log = logging.getLogger("tuner")
 
@@ -162,11 +162,12 @@ def train_one_step(run: Run, running: torch.Tensor) -> bool:
 def finish_gradients(run: Run, loss: torch.Tensor) -> bool:
     """Average across processes, clip, and check that loss and gradients are finite."""
     params = run.params
-    if run.accelerator.num_processes > 1:
-        average_gradients(params, run.accelerator)
+    replicated = sharding.unsharded(params)  # FSDP reduced its own in backward
+    if run.accelerator.num_processes > 1 and replicated:
+        average_gradients(replicated, run.accelerator)
     grad_norm = None
     if run.recipe.train.max_grad_norm:
-        grad_norm = run.accelerator.clip_grad_norm_(params, run.recipe.train.max_grad_norm)
+        grad_norm = sharding.clip_grad_norm(run.accelerator, params, run.recipe.train.max_grad_norm)
     return nan_guard_ok(loss, grad_norm)
 
 

@@ -26,7 +26,7 @@ from tuner.devices import place
 from tuner.errors import TunerError
 from tuner.families import fp8
 from tuner.recipe import Recipe
-from tuner.training import block_swap, changes, checkpoint, dreambooth
+from tuner.training import block_swap, changes, checkpoint, dreambooth, sharding
 from tuner.training.loop import Run, run_steps, stop_text_encoder_training
 from tuner.training.optim import build_optimizer, build_scheduler
 from tuner.training.outputs import check_output_dir, claim_output_dir, finish_outputs
@@ -129,6 +129,11 @@ def run_training(recipe: Recipe, *, count_flops: bool = False) -> TrainingResult
         comps.denoiser.enable_gradient_checkpointing()
     block_swap.install(family, comps.denoiser, recipe.train.offload_blocks, device)
     comps.denoiser.to(device)
+    if sharding.requested(accelerator):  # ./launch.sh --config-file recipes/accelerate/fsdp2.yaml
+        sharding.check(recipe)
+        sharding.shard(family, comps.denoiser, dtype)
+        if is_main:
+            log.info("FSDP2: the denoiser is sharded over %d processes", accelerator.num_processes)
     optimizer = build_optimizer(parameter_groups(trained, family, recipe), recipe.train, device)
     scheduler = build_scheduler(optimizer, recipe.train)
     # Only the optimizer is prepared (mixed precision, grad scaler): the models are not wrapped
@@ -179,13 +184,21 @@ def run_training(recipe: Recipe, *, count_flops: bool = False) -> TrainingResult
     run_steps(run)
     peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else 0
     accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        try:
-            finish_outputs(
-                recipe, output_dir, family, comps, trained, accelerator, run.state["step"], report
-            )
-        except files.WriteError as exc:  # the weights are in memory: keep them on disk
-            raise checkpoint.keep_final_weights(run, exc) from exc
+    with sharding.gathered(run):  # FSDP: every process gathers, the main one writes
+        if accelerator.is_main_process:
+            try:
+                finish_outputs(
+                    recipe,
+                    output_dir,
+                    family,
+                    comps,
+                    trained,
+                    accelerator,
+                    run.state["step"],
+                    report,
+                )
+            except files.WriteError as exc:  # the weights are in memory: keep them on disk
+                raise checkpoint.keep_final_weights(run, exc) from exc
     accelerator.end_training()
     return TrainingResult(
         output_dir,
