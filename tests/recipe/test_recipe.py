@@ -113,7 +113,12 @@ def test_check_error_is_one_line_without_traceback(tmp_path, capsys):
 
 
 @pytest.mark.parametrize(
-    "recipe", sorted(p.relative_to(REPO).as_posix() for p in (REPO / "recipes").rglob("*.yaml"))
+    "recipe",
+    sorted(
+        p.relative_to(REPO).as_posix()
+        for p in (REPO / "recipes").rglob("*.yaml")
+        if "accelerate" not in p.parts  # accelerate launch configs, not recipes
+    ),
 )
 def test_every_shipped_recipe_validates(recipe, monkeypatch, capsys, caplog):
     monkeypatch.chdir(REPO)

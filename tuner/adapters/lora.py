@@ -123,8 +123,10 @@ def trainable_parameters(module: torch.nn.Module) -> list[torch.nn.Parameter]:
 
 
 def peft_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """LoRA weights in PEFT naming (what set_peft_model_state_dict reads back)."""
-    return get_peft_model_state_dict(module)
+    """LoRA weights in PEFT naming (what set_peft_model_state_dict reads back); for an FSDP
+    model being saved, the full tensors gathered beforehand (training/sharding.py)."""
+    gathered = getattr(module, "_tuner_gathered_lora", None)
+    return gathered if gathered is not None else get_peft_model_state_dict(module)
 
 
 def float_cpu(states: dict[str, dict[str, torch.Tensor]]) -> dict[str, dict[str, torch.Tensor]]:

@@ -86,7 +86,9 @@ def data_throughput(recipe, samples: int) -> dict:
 
     items, _ = collect_items(recipe.data)
     family = families.for_model(recipe.model)
-    comps = family.load(recipe.model, DTYPES[recipe.train.mixed_precision])
+    from tuner.families.fp8 import load_components
+
+    comps = load_components(family, recipe.model, DTYPES[recipe.train.mixed_precision])
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     plan = cache_plan(
         recipe.model_copy(update={"data": recipe.data.model_copy(update={"cache": True})}), comps

@@ -23,6 +23,7 @@ NOT_FAMILIES = {
     "text_encoders",
     "chroma_file",
     "flux2_export",
+    "fp8",
 }
 
 

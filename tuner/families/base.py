@@ -162,6 +162,9 @@ class Family(Protocol):
         """Settings that depend on the loaded weights (e.g. sizes the VAE allows, the text
         sequence length). Returns new Components; the family object is never changed."""
 
+    def blocks(self, denoiser) -> list[nn.Module]:
+        """The denoiser's repeated transformer blocks in the order they run (block swap)."""
+
     def text_encoding_phase(self, comps: Components, device):
         """The context the cache encodes prompts in (FamilyBase: every text encoder on device;
         hidream: none moved, encode_prompts places one encoder at a time)."""
@@ -217,6 +220,8 @@ class FamilyBase:
 
     spec: ClassVar[FamilySpec]
     pipeline_extras: ClassVar[dict[str, Any]] = {}  # fixed pipeline arguments (no watermark...)
+    # The denoiser's repeated transformer-block lists, in the order they run (block swap).
+    block_lists: ClassVar[tuple[str, ...]] = ("transformer_blocks", "single_transformer_blocks")
 
     def validate(self, recipe: Recipe) -> None:
         from tuner.families.checks import validate_common
@@ -230,6 +235,13 @@ class FamilyBase:
         """LoRA targets when the recipe names none (a family whose defaults depend on the
         model's depth lists them from the denoiser)."""
         return self.spec.default_targets
+
+    def blocks(self, denoiser) -> list[nn.Module]:
+        """The denoiser's transformer blocks in the order they run (empty: a UNet)."""
+        if self.spec.denoiser == "unet":
+            return []
+        lists = [getattr(denoiser, name, None) for name in self.block_lists]
+        return [block for blocks in lists if blocks is not None for block in blocks]
 
     def text_encoding_phase(self, comps: Components, device):
         """The context prompts are cached in: the text encoders on `device` (a family whose

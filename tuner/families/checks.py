@@ -21,12 +21,17 @@ def validate_common(spec: FamilySpec, recipe) -> None:
     for key, off in MODEL_OPTIONS.items():
         if key not in spec.model_options and getattr(model, key) != off:
             raise TunerError(f"model.{key}: does not apply to {spec.name} models; remove it")
-    if model.quantize != "none" and not spec.quantize:
+    if model.quantize not in ("none", "fp8") and not spec.quantize:
         raise TunerError(
             f"model.quantize: {model.quantize} is supported for transformer families "
             f"(sd3, flux), not {spec.name}; set model.quantize=none"
         )
     validate_text_encoder_memory(spec, recipe)
+    if train.offload_blocks and spec.denoiser == "unet":
+        raise TunerError(
+            f"train.offload_blocks: block swap applies to transformer families, not the "
+            f"{spec.name} UNet; set train.offload_blocks=0"
+        )
     if recipe.adapter.text_encoder and not spec.text_encoder_lora:
         raise TunerError(
             f"adapter.text_encoder: text-encoder LoRA is not supported for {spec.name} (its "

@@ -98,6 +98,10 @@ def comfy_lora(state: dict[str, torch.Tensor], metadata: dict[str, str]) -> dict
 
 
 class HiDreamFamily(FamilyBase):
+    block_lists = (
+        "double_stream_blocks",
+        "single_stream_blocks",
+    )  # block swap: the blocks in the order they run
     spec = FamilySpec(
         name="hidream",
         pipeline="HiDreamImagePipeline",

@@ -98,6 +98,11 @@ def comfy_lora(state: dict[str, torch.Tensor], metadata: dict[str, str]) -> dict
 
 
 class ZImageFamily(FamilyBase):
+    block_lists = (
+        "noise_refiner",
+        "context_refiner",
+        "layers",
+    )  # block swap: the blocks in the order they run
     spec = FamilySpec(
         name="z-image",
         pipeline="ZImagePipeline",

@@ -30,7 +30,7 @@ class ModelSection(Section):
     vae_path: str | None = None
     config: str | None = None  # diffusers folder/hub id whose configs a single file uses
     prediction_type: Literal["epsilon", "v_prediction"] | None = None
-    quantize: Literal["none", "nf4", "int8"] = "none"
+    quantize: Literal["none", "nf4", "int8", "fp8"] = "none"
     drop_t5: bool = False  # sd3: leave T5-XXL out (zeros in its place), as diffusers allows
     # The text encoders for the caching phase: bitsandbytes-quantized, and/or streamed from the
     # CPU layer by layer (families/text_encoders.py).
@@ -278,6 +278,7 @@ class TrainSection(Section):
     seed: int = 0
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     gradient_checkpointing: bool = False
+    offload_blocks: int = Field(0, ge=0)  # block swap: the first N blocks' weights in host RAM
     max_grad_norm: float | None = Field(1.0, gt=0)
     noise_offset: float = Field(0.0, ge=0)
     min_snr_gamma: float | None = Field(None, gt=0)

@@ -193,8 +193,12 @@ def render_samples(samples: list[Sample], recipe, family, adapter: Path, options
     from tuner.inference.render import Cell, pipeline_default, set_scheduler
 
     device = torch.device(options.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    # The recipe's whole model section (VAE override, variant, ...), as training loaded it.
-    pipe = family.build_pipeline(family.load(recipe.model, torch.float32))
+    # The recipe's whole model section (VAE override, variant, ...), as training loaded it,
+    # but a full-precision base: fp8 is a training-memory setting, the adapter loads into bf16.
+    model = recipe.model
+    if model.quantize == "fp8":
+        model = model.model_copy(update={"quantize": "none"})
+    pipe = family.build_pipeline(family.load(model, torch.float32))
     pipe.set_progress_bar_config(disable=True)
     pipe.to(device)
     spec = LoraSpec(adapter, options.scale, "evaluated", "adapter")

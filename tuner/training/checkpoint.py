@@ -117,12 +117,15 @@ def save_training_state(run) -> Path | None:
     optimizer (8-bit states included), LR schedule, grad scaler and RNG states. Written by the
     main process (every process joins the barrier); a checkpoint that cannot be written to
     output.dir is written to the rescue folder instead (see save_or_rescue)."""
+    from tuner.training.sharding import gathered
+
     accelerator, final, error = run.accelerator, None, None
-    if accelerator.is_main_process:
-        try:
-            final = save_or_rescue(run)
-        except TunerError as exc:
-            error = exc
+    with gathered(run):  # FSDP: every process gathers, the main one writes
+        if accelerator.is_main_process:
+            try:
+                final = save_or_rescue(run)
+            except TunerError as exc:
+                error = exc
     accelerator.wait_for_everyone()
     if error is not None:
         raise error
@@ -226,12 +229,14 @@ def load_training_state(folder: Path, run) -> dict:
     from peft.utils import set_peft_model_state_dict
     from safetensors.torch import load_file
 
+    from tuner.training import sharding
+
     lora = load_file(str(folder / "lora_state.safetensors"))
     for name, module in run.trained.items():
         prefix = f"{name}::"
         weights = {k[len(prefix) :]: v for k, v in lora.items() if k.startswith(prefix)}
         # Loads into the adapter already injected: resuming never adds a second adapter.
-        set_peft_model_state_dict(module, weights)
+        set_peft_model_state_dict(module, sharding.cut_lora_state(module, weights))
     # weights_only: a checkpoint path comes from the user, so nothing in it may run code.
     saved = torch.load(folder / "training_state.pt", map_location="cpu", weights_only=True)
     recipe_groups = [
@@ -239,6 +244,7 @@ def load_training_state(folder: Path, run) -> dict:
         for group in run.optimizer.param_groups
     ]
     run.optimizer.load_state_dict(saved["optimizer"])
+    sharding.cut_optimizer_state(run.optimizer)
     run.scheduler.load_state_dict(saved["scheduler"])
     apply_recipe_schedule(run.optimizer, run.scheduler, recipe_groups)
     restore_rng_state(saved["rng"])

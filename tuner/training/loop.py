@@ -19,7 +19,7 @@ from tuner.adapters import lora
 from tuner.errors import TunerError
 from tuner.objectives.common import elementwise_loss, weighted_loss
 from tuner.objectives.masks import masked_mean
-from tuner.training import checkpoint
+from tuner.training import checkpoint, sharding
 from tuner.training.optim import eval_weights, train_mode
 
 log = logging.getLogger("tuner")
@@ -202,11 +202,16 @@ def step_generator(run: Run, step: int, micro: int) -> torch.Generator:
 def finish_gradients(run: Run, loss: torch.Tensor) -> torch.Tensor:
     """Average across processes, clip; returns the device flag 'loss and gradients finite'."""
     params = run.params
-    if run.accelerator.num_processes > 1:
-        average_gradients(params, run.accelerator)
+    replicated = sharding.unsharded(params)  # FSDP reduced its own in backward
+    if run.accelerator.num_processes > 1 and replicated:
+        average_gradients(replicated, run.accelerator)
     grad_norm = None
     if run.recipe.train.max_grad_norm:
-        grad_norm = clip_gradients(run, params, run.recipe.train.max_grad_norm)
+        max_norm = run.recipe.train.max_grad_norm
+        if len(replicated) < len(params):  # FSDP: the norm over every shard
+            grad_norm = sharding.clip_grad_norm(run.accelerator, params, max_norm)
+        else:
+            grad_norm = clip_gradients(run, params, max_norm)
     return nan_guard_flag(loss, grad_norm)
 
 

@@ -26,10 +26,10 @@ from tuner.data.sampler import BucketBatchSampler
 from tuner.data.stream import batch_stream
 from tuner.devices import place
 from tuner.errors import TunerError
-from tuner.families import text_encoders
+from tuner.families import fp8, text_encoders
 from tuner.inference.grids import pre_encode_sample_prompts
 from tuner.recipe import Recipe
-from tuner.training import changes, checkpoint, dreambooth, validation
+from tuner.training import block_swap, changes, checkpoint, dreambooth, sharding, validation
 from tuner.training.ema import build_ema
 from tuner.training.loop import Run, run_steps, stop_text_encoder_training
 from tuner.training.optim import build_optimizer, build_scheduler, check_optimizer, has_eval_mode
@@ -106,7 +106,7 @@ def run_training(recipe: Recipe, *, count_flops: bool = False, around_steps=None
         family = families.for_model(recipe.model)
         family.validate(recipe)
     dtype = DTYPES[recipe.train.mixed_precision]
-    comps = family.load(recipe.model, dtype)
+    comps = fp8.load_components(family, recipe.model, dtype)  # family.load, fp8 if asked
     comps = family.configure(comps, recipe)
     comps = text_encoders.mark(comps, recipe.model)
     comps.denoiser.requires_grad_(False)
@@ -144,7 +144,13 @@ def run_training(recipe: Recipe, *, count_flops: bool = False, around_steps=None
     trained = lora.inject(comps, recipe.adapter, family)
     if recipe.train.gradient_checkpointing:
         comps.denoiser.enable_gradient_checkpointing()
+    block_swap.install(family, comps.denoiser, recipe.train.offload_blocks, device)
     comps.denoiser.to(device)
+    if sharding.requested(accelerator):  # ./launch.sh --config-file recipes/accelerate/fsdp2.yaml
+        sharding.check(recipe)
+        sharding.shard(family, comps.denoiser, dtype)
+        if is_main:
+            log.info("FSDP2: the denoiser is sharded over %d processes", accelerator.num_processes)
     optimizer = build_optimizer(parameter_groups(trained, family, recipe), recipe.train, device)
     scheduler = build_scheduler(optimizer, recipe.train)
     # Only the optimizer is prepared (mixed precision, grad scaler): the models are not wrapped
@@ -203,21 +209,22 @@ def run_training(recipe: Recipe, *, count_flops: bool = False, around_steps=None
         run.optimizer.eval()  # schedule-free: the outputs are its evaluation weights
     peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else 0
     accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        try:
-            finish_outputs(
-                recipe,
-                output_dir,
-                family,
-                comps,
-                trained,
-                accelerator,
-                run.state["step"],
-                report,
-                ema=run.ema,
-            )
-        except files.WriteError as exc:  # the weights are in memory: keep them on disk
-            raise checkpoint.keep_final_weights(run, exc) from exc
+    with sharding.gathered(run):  # FSDP: every process gathers, the main one writes
+        if accelerator.is_main_process:
+            try:
+                finish_outputs(
+                    recipe,
+                    output_dir,
+                    family,
+                    comps,
+                    trained,
+                    accelerator,
+                    run.state["step"],
+                    report,
+                    ema=run.ema,
+                )
+            except files.WriteError as exc:  # the weights are in memory: keep them on disk
+                raise checkpoint.keep_final_weights(run, exc) from exc
     accelerator.end_training()
     return TrainingResult(
         output_dir,
