@@ -171,6 +171,9 @@ def test_trackers_write_real_files(make_recipe, monkeypatch):
         for tag in accumulator.Tags()["scalars"]:
             logged[tag] = [event.step for event in accumulator.Scalars(tag)]
     assert logged.get("loss") == [1, 2] and logged.get("lr") == [1, 2]  # every step's values
+    import wandb
+
+    wandb.teardown()  # the wandb service writes the run file; wait until it has
     runs = list((out / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
     records = [p.read_bytes() for p in runs[0].glob("*.wandb")]
