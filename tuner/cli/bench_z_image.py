@@ -43,12 +43,14 @@ def build(args, device: torch.device):
     from diffusers import ZImageTransformer2DModel
     from peft import LoraConfig
 
+    from tuner.builtins.parts import default_dtype
     from tuner.builtins.z_image import z_image_transformer_config
     from tuner.families import get
 
     family = get("z-image")
     torch.manual_seed(0)
-    transformer = ZImageTransformer2DModel(**z_image_transformer_config()).to(torch.bfloat16)
+    with default_dtype(torch.bfloat16):  # built in bf16: an fp32 build would need 25 GB
+        transformer = ZImageTransformer2DModel(**z_image_transformer_config())
     transformer.requires_grad_(False)
     if not args.no_checkpointing:
         transformer.enable_gradient_checkpointing()
