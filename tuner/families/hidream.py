@@ -123,6 +123,11 @@ class HiDreamFamily(FamilyBase):
         quantize=True,
     )
 
+    def meta_trace(self):
+        from tuner.families.moe_trace import balanced_routing
+
+        return balanced_routing()  # routing reads values a meta tensor lacks
+
     def validate(self, recipe) -> None:
         super().validate(recipe)
         length = recipe.train.max_sequence_length
