@@ -10,7 +10,6 @@ in helpers (`families/mmdit.py`) that families call, not in a base class chain.
 from __future__ import annotations
 
 import contextlib
-
 import dataclasses
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass

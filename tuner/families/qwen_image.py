@@ -11,7 +11,6 @@ the transformer sees what sampling gives it.
 from __future__ import annotations
 
 import contextlib
-
 from pathlib import Path
 
 import torch

@@ -166,7 +166,10 @@ def predict(tracer: Tracer, recipe: Recipe, s: Settings, as_flop_counted: bool =
     cached = recipe.data.cache
     texts_cached = cached and not recipe.adapter.text_encoder and not recipe.data.shuffle_tags
     encoders = sum(v.bytes for k, v in stored.items() if k != "vae" and k != spec.denoiser)
-    training = stored[spec.denoiser].bytes + lora_bytes + optimizer + activations
+    ema = recipe.train.ema
+    # train.ema: one fp32 copy of the adapter, on the GPU unless ema.on_cpu.
+    ema_bytes = lora_bytes if ema is not None and not ema.on_cpu else 0
+    training = stored[spec.denoiser].bytes + lora_bytes + optimizer + ema_bytes + activations
     if s.grad_accum > 1:
         training += gradients  # held across the micro-steps
     if not cached:
@@ -180,7 +183,9 @@ def predict(tracer: Tracer, recipe: Recipe, s: Settings, as_flop_counted: bool =
         phases["caching"] = max(vae_phase if cached else 0, text_phase if texts_cached else 0)
     phases["training"] = training
     if recipe.sample.prompts:
-        phases["sampling"] = sampling_bytes(tracer, recipe, stored, lora_bytes + optimizer)
+        phases["sampling"] = sampling_bytes(
+            tracer, recipe, stored, lora_bytes + optimizer + ema_bytes
+        )
     return {
         "stored": stored,
         "gradients": gradients,
