@@ -65,8 +65,10 @@ def meta_model(recipe: Recipe) -> MetaModel:
             )
         source = builtins.PREFIX + stand_in
         note = f"{recipe.model.path} planned as {source} (same architecture, no weights read)"
-    # Quantization is counted by storage size; loading stays the plain path.
-    model = recipe.model.model_copy(update={"path": source, "quantize": "none"})
+    # Quantization (of the base and of the text encoders) is counted by storage size; loading
+    # stays the plain path (quantizing writes and reads real weights, which meta has not).
+    plain = {"path": source, "quantize": "none", "text_encoder_quantize": "none"}
+    model = recipe.model.model_copy(update=plain)
     planned = recipe.model_copy(update={"model": model})
     dtype = DTYPES[recipe.train.mixed_precision]
     try:
