@@ -215,6 +215,7 @@ class FamilyBase:
 
     spec: ClassVar[FamilySpec]
     pipeline_extras: ClassVar[dict[str, Any]] = {}  # fixed pipeline arguments (no watermark...)
+    encoders_one_at_a_time: ClassVar[bool] = False  # caching holds one text encoder at a time
 
     def validate(self, recipe: Recipe) -> None:
         from tuner.families.checks import validate_common

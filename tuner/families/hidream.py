@@ -123,6 +123,8 @@ class HiDreamFamily(FamilyBase):
         quantize=True,
     )
 
+    encoders_one_at_a_time = True  # see text_encoding_phase
+
     def meta_trace(self):
         from tuner.families.moe_trace import balanced_routing
 

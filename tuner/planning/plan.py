@@ -179,7 +179,12 @@ def predict(tracer: Tracer, recipe: Recipe, s: Settings, as_flop_counted: bool =
     phases = {}
     if cached or texts_cached:
         vae_phase = stored["vae"].bytes + tracer.vae(CACHE_BATCH, size, decode=False)
-        text_phase = encoders + tracer.text_encoders(CACHE_BATCH)
+        resident = encoders
+        if getattr(tracer.family, "encoders_one_at_a_time", False):  # HiDream: one at a time
+            resident = max(
+                (v.bytes for k, v in stored.items() if k not in ("vae", spec.denoiser)), default=0
+            )
+        text_phase = resident + tracer.text_encoders(CACHE_BATCH)
         phases["caching"] = max(vae_phase if cached else 0, text_phase if texts_cached else 0)
     phases["training"] = training
     if recipe.sample.prompts:
