@@ -155,7 +155,7 @@ def test_train_preflight_logs_one_line_and_names_an_unplannable_source(make_reci
     train_preflight(make_recipe(base="builtin:tiny-sd15"))
     assert [r.message for r in caplog.records if r.message.startswith("plan: peak ")]
     caplog.clear()
-    train_preflight(make_recipe("model.family=sd2", base="some-org/some-sd2-model"))
+    train_preflight(make_recipe(base="some-org/some-sd2-model"))  # a hub id, no model.family
     lines = [r.message for r in caplog.records]
     assert len(lines) == 1 and lines[0].startswith("plan: not available for some-org/"), lines
 
