@@ -188,3 +188,16 @@ def test_loha_lokr_counted_as_the_adapter_not_the_base(make_recipe, kind):
     assert sum(p.numel() for p in planned.lora_params()) == sum(p.numel() for p in injected)
     stored = storage.stored(planned.comps.denoiser, "none")
     assert stored.params == storage.stored(base.comps.denoiser, "none").params
+
+
+def test_arch_sd2_is_the_published_sd21_architecture():
+    """builtin:arch-sd2 (planned in place of stabilityai/stable-diffusion-2-1) on meta: the
+    released UNet's parameter count, 768 px v-prediction, OpenCLIP-H's 1024-wide text tower."""
+    from tuner.builtins.sd import build_arch_sd2
+
+    with torch.device("meta"):
+        parts = build_arch_sd2()
+    assert sum(p.numel() for p in parts["unet"].parameters()) == 865_910_724
+    assert parts["unet"].config.sample_size * 8 == 768
+    assert parts["scheduler"].config.prediction_type == "v_prediction"
+    assert parts["text_encoder"].config.hidden_size == parts["unet"].config.cross_attention_dim
