@@ -205,3 +205,16 @@ def test_a_flow_key_set_twice_is_an_error(tmp_path):
     }
     with pytest.raises(TunerError, match="keep train.flow.shift"):
         validate_recipe(raw)
+
+
+def test_a_model_family_that_disagrees_with_the_builtin_is_one_line():
+    """model.family names sdxl for an SD 1.5 builtin: refused before anything loads."""
+    model = ModelSection(path="builtin:tiny-sd15", family="sdxl")
+    with pytest.raises(TunerError, match=r"^model.family: sdxl but builtin:tiny-sd15 is a sd15"):
+        families.for_model(model)
+    with pytest.raises(TunerError, match=r"^model.family: sdxl"):
+        families.known_for(model)
+    assert (
+        families.for_model(ModelSection(path="builtin:tiny-sd15", family="sd15")).spec.name
+        == "sd15"
+    )

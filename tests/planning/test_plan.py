@@ -155,6 +155,49 @@ def test_train_preflight_logs_one_line_and_names_an_unplannable_source(make_reci
     train_preflight(make_recipe(base="builtin:tiny-sd15"))
     assert [r.message for r in caplog.records if r.message.startswith("plan: peak ")]
     caplog.clear()
-    train_preflight(make_recipe("model.family=sd2", base="some-org/some-sd2-model"))
+    train_preflight(make_recipe(base="some-org/some-sd2-model"))  # a hub id, no model.family
     lines = [r.message for r in caplog.records]
     assert len(lines) == 1 and lines[0].startswith("plan: not available for some-org/"), lines
+
+
+@pytest.mark.parametrize("name", ["lion8bit", "prodigy", "adafactor", "came", "adamw_schedulefree"])
+def test_optimizer_state_model_equals_the_optimizer_after_one_step(name):
+    """Every named optimizer's state model against its real state: matrices (factored by
+    Adafactor / CAME), vectors, and sizes on both sides of bitsandbytes' 8-bit threshold."""
+    from tuner.recipe.schema import TrainSection
+
+    params = [torch.nn.Parameter(torch.randn(shape)) for shape in [(16, 8), (100,), (80, 64)]]
+    train = TrainSection(steps=1, optimizer=name, lr=1.0 if name == "prodigy" else 1e-3)
+    optimizer = build_optimizer([{"params": params}], train, torch.device("cpu"))
+    if hasattr(optimizer, "train"):  # schedule-free: train mode before stepping
+        optimizer.train()
+    for p in params:
+        p.grad = torch.ones_like(p)
+    optimizer.step()
+    assert storage.optimizer_state_bytes(params, name) == state_bytes(optimizer)
+
+
+@pytest.mark.parametrize("kind", ["loha", "lokr"])
+def test_loha_lokr_counted_as_the_adapter_not_the_base(make_recipe, kind):
+    """The planned adapter parameters are the injected ones; the base count is unchanged."""
+    plain = make_recipe(base="builtin:tiny-sd15")
+    recipe = make_recipe(f"adapter.type={kind}", base="builtin:tiny-sd15")
+    family, comps = real_components(recipe)
+    injected = lora.trainable_parameters(lora.inject(comps, recipe.adapter, family)["unet"])
+    planned, base = (Tracer(meta_model(r), r) for r in (recipe, plain))
+    assert sum(p.numel() for p in planned.lora_params()) == sum(p.numel() for p in injected)
+    stored = storage.stored(planned.comps.denoiser, "none")
+    assert stored.params == storage.stored(base.comps.denoiser, "none").params
+
+
+def test_arch_sd2_is_the_published_sd21_architecture():
+    """builtin:arch-sd2 (planned in place of stabilityai/stable-diffusion-2-1) on meta: the
+    released UNet's parameter count, 768 px v-prediction, OpenCLIP-H's 1024-wide text tower."""
+    from tuner.builtins.sd import build_arch_sd2
+
+    with torch.device("meta"):
+        parts = build_arch_sd2()
+    assert sum(p.numel() for p in parts["unet"].parameters()) == 865_910_724
+    assert parts["unet"].config.sample_size * 8 == 768
+    assert parts["scheduler"].config.prediction_type == "v_prediction"
+    assert parts["text_encoder"].config.hidden_size == parts["unet"].config.cross_attention_dim

@@ -114,7 +114,7 @@ def run_cli(folder: Path, capsys, *overrides: str) -> tuple[int, str]:
             ["model.path=builtin:tiny-sd2"],
             "model.path=builtin:tiny-sd15, this recipe has model.path=builtin:tiny-sd2",
         ),
-        (["model.family=sd2"], "model.family=unset, this recipe has model.family=sd2"),
+        (["model.family=sd15"], "model.family=unset, this recipe has model.family=sd15"),
         (
             ["train.optimizer=adamw8bit"],
             "train.optimizer=adamw, this recipe has train.optimizer=adamw8bit",

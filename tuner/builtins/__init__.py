@@ -37,6 +37,7 @@ TABLE: dict[str, Builtin] = {
     "tiny-sd15": Builtin("sd15", lazy("tuner.builtins.sd", "build_tiny_sd", "sd15")),
     "tiny-sd2": Builtin("sd2", lazy("tuner.builtins.sd", "build_tiny_sd", "sd2")),
     "arch-sd15": Builtin("sd15", lazy("tuner.builtins.sd", "build_arch_sd15")),
+    "arch-sd2": Builtin("sd2", lazy("tuner.builtins.sd", "build_arch_sd2")),
     "tiny-sdxl": Builtin("sdxl", lazy("tuner.builtins.sdxl", "build_tiny_sdxl")),
     "arch-sdxl": Builtin("sdxl", lazy("tuner.builtins.sdxl", "build_arch_sdxl")),
     "tiny-sd3": Builtin("sd3", lazy("tuner.builtins.sd3", "build_tiny_sd3")),

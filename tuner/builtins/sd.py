@@ -1,5 +1,6 @@
 """Builtin Stable Diffusion 1.x/2.x models: `tiny-sd15` / `tiny-sd2` (toy size, seeded) and
-`arch-sd15` (the published SD 1.5 configs at full size, random init, for benchmarks).
+`arch-sd15` / `arch-sd2` (the published SD 1.5 / 2.1 configs at full size, random init, for
+benchmarks).
 
 The full-size configs are those published with stable-diffusion-v1-5 and
 stable-diffusion-xl-base-1.0, so a training step costs the same FLOPs and bytes as with the
@@ -120,5 +121,43 @@ def build_arch_sd15() -> dict:
         "vae": AutoencoderKL(**SD_VAE),
         "text_encoder": CLIPTextModel(text_config(CLIP_L_TEXT, "<|endoftext|>")),
         "tokenizer": offline_clip_tokenizer(),
+        "scheduler": scheduler,
+    }
+
+
+# stabilityai/stable-diffusion-2-1: linear projections, per-level head widths, attention
+# upcast to fp32, OpenCLIP ViT-H/14's text tower (23 layers used of 24), 768 px v-prediction.
+SD21_UNET = {
+    **SD15_UNET,
+    "sample_size": 96,
+    "cross_attention_dim": 1024,
+    "attention_head_dim": (5, 10, 20, 20),
+    "use_linear_projection": True,
+    "upcast_attention": True,
+}
+
+OPEN_CLIP_H_TEXT = {
+    "vocab_size": 49408,
+    "hidden_size": 1024,
+    "intermediate_size": 4096,
+    "num_hidden_layers": 23,
+    "num_attention_heads": 16,
+    "max_position_embeddings": 77,
+    "hidden_act": "gelu",
+    "projection_dim": 512,
+    "layer_norm_eps": 1e-5,
+}
+
+
+def build_arch_sd2() -> dict:
+    """Modules for StableDiffusionPipeline with the SD 2.1 architecture, random weights."""
+    torch.manual_seed(21)
+    with torch.device("cpu"):
+        scheduler = sd_scheduler("v_prediction")
+    return {
+        "unet": UNet2DConditionModel(**SD21_UNET),
+        "vae": AutoencoderKL(**{**SD_VAE, "sample_size": 768}),
+        "text_encoder": CLIPTextModel(text_config(OPEN_CLIP_H_TEXT, "!")),
+        "tokenizer": offline_clip_tokenizer("!"),
         "scheduler": scheduler,
     }

@@ -23,8 +23,9 @@ def cmd_train(args) -> int:
 
     recipe = load_recipe(args.recipe, args.overrides)
     if os.environ.get("RANK", "0") == "0":
-        from tuner.cli.plan import train_preflight
+        from tuner.cli.plan import family_checks, train_preflight
 
+        family_checks(recipe)  # a refusal comes first, before the plan builds anything
         train_preflight(recipe)  # one line; a warning when the GPU is too small
     output = train(recipe)
     if os.environ.get("RANK", "0") == "0":  # one line per run, not per process

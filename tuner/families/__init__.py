@@ -19,6 +19,7 @@ NOT_FAMILIES = {
     "detection",
     "loading",
     "mmdit",
+    "moe_trace",
     "quantize",
     "text_encoders",
     "chroma_file",
@@ -63,7 +64,30 @@ def for_model(model) -> Family:
     """The family named in the recipe, or the one detected from model.path."""
     from tuner.families.detection import detect_family
 
-    return get(model.family or detect_family(model.path))
+    if model.family:
+        return named_family(model)
+    return get(detect_family(model.path))
+
+
+def named_family(model) -> Family:
+    """model.family, checked against what model.path is where that is known offline (a
+    builtin, a local folder or file): a mismatch is one line, never a half-loaded model."""
+    from tuner.families.detection import detect_family
+    from tuner.families.loading import source_kind
+
+    family = get(model.family)
+    if source_kind(model.path) == "hub":
+        return family  # detecting a hub id needs the network; loading then fails on a mismatch
+    try:
+        detected = detect_family(model.path)
+    except TunerError:
+        return family  # not detectable: the recipe's word stands
+    if detected != model.family:
+        raise TunerError(
+            f"model.family: {model.family} but {model.path} is a {detected} model; "
+            f"set model.family: {detected} (or remove it)"
+        )
+    return family
 
 
 def known_for(model) -> Family | None:
@@ -73,7 +97,7 @@ def known_for(model) -> Family | None:
     from tuner.families.loading import source_kind
 
     if model.family:
-        return get(model.family)
+        return named_family(model)
     if source_kind(model.path) == "hub":
         return None
     return get(detect_family(model.path))

@@ -9,6 +9,7 @@ in helpers (`families/mmdit.py`) that families call, not in a base class chain.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -222,6 +223,7 @@ class FamilyBase:
     pipeline_extras: ClassVar[dict[str, Any]] = {}  # fixed pipeline arguments (no watermark...)
     # The denoiser's repeated transformer-block lists, in the order they run (block swap).
     block_lists: ClassVar[tuple[str, ...]] = ("transformer_blocks", "single_transformer_blocks")
+    encoders_one_at_a_time: ClassVar[bool] = False  # caching holds one text encoder at a time
 
     def validate(self, recipe: Recipe) -> None:
         from tuner.families.checks import validate_common
@@ -230,6 +232,12 @@ class FamilyBase:
 
     def configure(self, comps: Components, recipe: Recipe) -> Components:
         return comps
+
+    def meta_trace(self):
+        """The context `tuner plan` traces this family's modules in on the meta device: a
+        family whose forward reads values (data-dependent routing) swaps in a shape-faithful
+        stand-in here."""
+        return contextlib.nullcontext()
 
     def default_targets(self, denoiser: nn.Module) -> tuple[str, ...]:
         """LoRA targets when the recipe names none (a family whose defaults depend on the
@@ -270,6 +278,11 @@ class FamilyBase:
         config = comps.vae.config  # an AutoencoderKL: x2 per level after the first
         scale = 2 ** (len(config.block_out_channels) - 1)
         return (config.latent_channels, size[1] // scale, size[0] // scale)
+
+    def decoded_latent_shape(self, comps, size: tuple[int, int]) -> tuple[int, ...]:
+        """The latent the VAE's decode takes (a family that patchifies latents for its
+        denoiser decodes them unpatchified)."""
+        return self.latent_shape(comps, size)
 
     def build_pipeline(self, comps: Components):
         modules = {

@@ -199,6 +199,10 @@ class Flux2Family(FamilyBase):
         channels = comps.vae.config.latent_channels * mmdit.LATENT_PATCH**2
         return (channels, size[1] // scale, size[0] // scale)
 
+    def decoded_latent_shape(self, comps, size: tuple[int, int]) -> tuple[int, ...]:
+        scale = mmdit.vae_scale(comps)  # the VAE decodes unpatchified latents
+        return (comps.vae.config.latent_channels, size[1] // scale, size[0] // scale)
+
     # --- training -------------------------------------------------------------------------
     def objective(self, comps: Components, train):
         objective = mmdit.flow_objective(comps, train)

@@ -130,6 +130,13 @@ class HiDreamFamily(FamilyBase):
         text_encoder_memory=True,  # T5-XXL, Llama-3.1-8B
     )
 
+    encoders_one_at_a_time = True  # see text_encoding_phase
+
+    def meta_trace(self):
+        from tuner.families.moe_trace import balanced_routing
+
+        return balanced_routing()  # routing reads values a meta tensor lacks
+
     def validate(self, recipe) -> None:
         super().validate(recipe)
         length = recipe.train.max_sequence_length

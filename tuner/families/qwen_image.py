@@ -10,6 +10,7 @@ the transformer sees what sampling gives it.
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
@@ -68,6 +69,9 @@ class QwenImageFamily(FamilyBase):
         quantize=True,
         text_encoder_memory=True,
     )
+
+    def meta_trace(self):
+        return every_token_kept()  # the prompt encoder reads mask lengths a meta tensor lacks
 
     def validate(self, recipe) -> None:
         super().validate(recipe)
@@ -149,11 +153,31 @@ class QwenImageFamily(FamilyBase):
         return QwenImagePipeline._unpack_latents(out, h, w, 1)[:, :, 0]
 
 
+@contextlib.contextmanager
+def every_token_kept():
+    """encode_prompt splits the encoder's states by the mask's lengths, values a meta tensor
+    lacks; while planning every prompt keeps every token (the upper bound)."""
+    original = QwenImagePipeline._extract_masked_hidden
+
+    def full_length(self, hidden_states, mask):
+        if hidden_states.device.type != "meta":
+            return original(self, hidden_states, mask)
+        return tuple(hidden_states.unbind(dim=0))
+
+    QwenImagePipeline._extract_masked_hidden = full_length
+    try:
+        yield
+    finally:
+        QwenImagePipeline._extract_masked_hidden = original
+
+
 def batch_prompts(cond: dict, on_host: dict | None):
     """The batch's embeddings trimmed to its longest prompt, and the mask (None when every
     prompt is that long), as encode_prompt returns them for these prompts together. The
     lengths are read from the batch's host copy when there is one (no device sync)."""
     lengths = (on_host or cond)["prompt_embeds_mask"].sum(dim=1)
+    if lengths.device.type == "meta":  # `tuner plan`: no values, every prompt full length
+        return cond["prompt_embeds"], None
     longest = int(lengths.max())
     embeds = cond["prompt_embeds"][:, :longest]
     mask = None if bool((lengths == longest).all()) else cond["prompt_embeds_mask"][:, :longest]

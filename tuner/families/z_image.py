@@ -190,7 +190,11 @@ class ZImageFamily(FamilyBase):
         """noisy: (B, C, h, w) latents, timesteps: sigma * 1000 -> the velocity (B, C, h, w)."""
         dtype = comps.dtype
         embeds = cond["prompt_embeds"].to(dtype)
-        lengths = cond["prompt_mask"].sum(dim=1).tolist()  # one host sync per step
+        mask = cond["prompt_mask"]
+        if mask.device.type == "meta":  # `tuner plan`: no values, every token kept (upper bound)
+            lengths = [mask.shape[1]] * mask.shape[0]
+        else:
+            lengths = mask.sum(dim=1).tolist()  # one host sync per step
         captions = [embeds[i, :n] for i, n in enumerate(lengths)]
         latents = list(noisy.to(dtype).unsqueeze(2).unbind(dim=0))
         out = comps.denoiser(

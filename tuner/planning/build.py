@@ -30,12 +30,19 @@ class MetaModel:
     note: str = ""  # why a stand-in was used
 
 
-def arch_builtin(family_name: str) -> str | None:
-    """The full-size builtin of a family (`arch-*`), if there is one."""
-    for name, builtin in builtins.TABLE.items():
-        if name.startswith("arch-") and builtin.family == family_name:
+def arch_builtin(family_name: str, path: str = "") -> str | None:
+    """The full-size builtin of a family (`arch-*`), if there is one; of several (Flux.2 dev,
+    klein 4B / 9B), the one whose variant the path names."""
+    found = [
+        name
+        for name, builtin in builtins.TABLE.items()
+        if name.startswith("arch-") and builtin.family == family_name
+    ]
+    for name in found:
+        variant = name.rsplit("-", 2)[-2:] if name.count("-") >= 3 else name.split("-")[-1:]
+        if "-".join(variant) in path.lower():
             return name
-    return None
+    return found[0] if found else None
 
 
 def meta_model(recipe: Recipe) -> MetaModel:
@@ -50,7 +57,7 @@ def meta_model(recipe: Recipe) -> MetaModel:
         )
     source, note = recipe.model.path, ""
     if kind != "builtin":
-        stand_in = arch_builtin(family.spec.name)
+        stand_in = arch_builtin(family.spec.name, recipe.model.path)
         if stand_in is None:
             raise TunerError(
                 f"plan: no full-size builtin of family {family.spec.name} to plan "
@@ -58,8 +65,10 @@ def meta_model(recipe: Recipe) -> MetaModel:
             )
         source = builtins.PREFIX + stand_in
         note = f"{recipe.model.path} planned as {source} (same architecture, no weights read)"
-    # Quantization is counted by storage size; loading stays the plain path.
-    model = recipe.model.model_copy(update={"path": source, "quantize": "none"})
+    # Quantization (of the base and of the text encoders) is counted by storage size; loading
+    # stays the plain path (quantizing writes and reads real weights, which meta has not).
+    plain = {"path": source, "quantize": "none", "text_encoder_quantize": "none"}
+    model = recipe.model.model_copy(update=plain)
     planned = recipe.model_copy(update={"model": model})
     dtype = DTYPES[recipe.train.mixed_precision]
     try:

@@ -7,6 +7,8 @@ a switch changes.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from tuner.adapters import lora
@@ -28,10 +30,17 @@ class Tracer:
         self.autocast = self.comps.dtype if self.comps.dtype != torch.float32 else None
         self._steps: dict[tuple, tuple[int, float | None]] = {}
 
+    def _meta_context(self):
+        """Value tests answered as the upper bound, and the family's own meta stand-ins."""
+        stack = contextlib.ExitStack()
+        stack.enter_context(trace.meta_truth_tests())
+        stack.enter_context(getattr(self.family, "meta_trace", contextlib.nullcontext)())
+        return stack
+
     # ---- inputs --------------------------------------------------------------------------
     def _inputs(self, batch: int, size: tuple[int, int]):
         family, comps = self.family, self.comps
-        with torch.device("meta"), torch.no_grad(), trace.meta_truth_tests():
+        with torch.device("meta"), torch.no_grad(), self._meta_context():
             cond = family.encode_prompts(comps, ["a photo"] * batch)
             shape = family.latent_shape(comps, size)
         noisy = torch.zeros((batch, *shape), device="meta")
@@ -63,7 +72,7 @@ class Tracer:
         denoiser.train()
         noisy, timesteps, cond, extra = self._inputs(batch, size)
         try:
-            with trace.traced(self.autocast, flops) as (live, counter), trace.meta_truth_tests():
+            with trace.traced(self.autocast, flops) as (live, counter), self._meta_context():
                 pred = self.family.predict(self.comps, noisy, timesteps, cond, extra)
                 loss = ((pred.float() - noisy) ** 2).mean()
                 # torch.autograd.backward, not loss.backward(): the autocast emulation must
@@ -90,21 +99,23 @@ class Tracer:
         noisy, timesteps, cond, extra = self._inputs(batch, size)
         noisy = noisy.to(self.comps.dtype)
         traced = trace.traced(self.autocast, False)
-        with torch.no_grad(), traced as (live, _), trace.meta_truth_tests():
+        with torch.no_grad(), traced as (live, _), self._meta_context():
             self.family.predict(self.comps, noisy, timesteps, cond, extra)
         return live.peak
 
     def vae(self, batch: int, size: tuple[int, int], decode: bool) -> int:
         """Peak above the weights of encoding `batch` images (the cache) or decoding one."""
         vae = self.comps.vae
-        shape = self.family.latent_shape(self.comps, size)
+        shape = getattr(self.family, "decoded_latent_shape", self.family.latent_shape)(
+            self.comps, size
+        )
         dtype = next(vae.parameters()).dtype
         with torch.no_grad(), trace.traced(None, count_flops=False) as (live, _):
             if decode:
                 latents = torch.zeros((1, *shape), device="meta", dtype=dtype)
                 try:
                     vae.decode(latents)
-                except (TypeError, RuntimeError):  # a video VAE wants a frame axis
+                except (TypeError, RuntimeError, ValueError):  # a video VAE wants a frame axis
                     vae.decode(latents.unsqueeze(2))
             else:
                 pixels = torch.zeros((batch, 3, size[1], size[0]), device="meta")
@@ -113,6 +124,6 @@ class Tracer:
 
     def text_encoders(self, batch: int) -> int:
         traced = trace.traced(None, count_flops=False)
-        with torch.no_grad(), traced as (live, _), torch.device("meta"), trace.meta_truth_tests():
+        with torch.no_grad(), traced as (live, _), torch.device("meta"), self._meta_context():
             self.family.encode_prompts(self.comps, ["a photo"] * batch)
         return live.peak

@@ -166,7 +166,10 @@ def predict(tracer: Tracer, recipe: Recipe, s: Settings, as_flop_counted: bool =
     cached = recipe.data.cache
     texts_cached = cached and not recipe.adapter.text_encoder and not recipe.data.shuffle_tags
     encoders = sum(v.bytes for k, v in stored.items() if k != "vae" and k != spec.denoiser)
-    training = stored[spec.denoiser].bytes + lora_bytes + optimizer + activations
+    ema = recipe.train.ema
+    # train.ema: one fp32 copy of the adapter, on the GPU unless ema.on_cpu.
+    ema_bytes = lora_bytes if ema is not None and not ema.on_cpu else 0
+    training = stored[spec.denoiser].bytes + lora_bytes + optimizer + ema_bytes + activations
     if s.grad_accum > 1:
         training += gradients  # held across the micro-steps
     if not cached:
@@ -176,11 +179,18 @@ def predict(tracer: Tracer, recipe: Recipe, s: Settings, as_flop_counted: bool =
     phases = {}
     if cached or texts_cached:
         vae_phase = stored["vae"].bytes + tracer.vae(CACHE_BATCH, size, decode=False)
-        text_phase = encoders + tracer.text_encoders(CACHE_BATCH)
+        resident = encoders
+        if getattr(tracer.family, "encoders_one_at_a_time", False):  # HiDream: one at a time
+            resident = max(
+                (v.bytes for k, v in stored.items() if k not in ("vae", spec.denoiser)), default=0
+            )
+        text_phase = resident + tracer.text_encoders(CACHE_BATCH)
         phases["caching"] = max(vae_phase if cached else 0, text_phase if texts_cached else 0)
     phases["training"] = training
     if recipe.sample.prompts:
-        phases["sampling"] = sampling_bytes(tracer, recipe, stored, lora_bytes + optimizer)
+        phases["sampling"] = sampling_bytes(
+            tracer, recipe, stored, lora_bytes + optimizer + ema_bytes
+        )
     return {
         "stored": stored,
         "gradients": gradients,

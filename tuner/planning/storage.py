@@ -35,7 +35,6 @@ FITTED_TRAINING_OVERHEAD = {"nf4": 0.14}
 # fp32 absmax per 256-element block; smaller ones keep fp32 moments.
 ADAM8_MIN_SIZE = 4096
 ADAM8_BLOCK = 256
-ADAM8_QMAPS = 2 * 256 * 4  # the two shared 256-entry fp32 code books
 
 
 @dataclass
@@ -55,7 +54,7 @@ def stored(module: nn.Module, quantize: str = "none") -> Stored:
     quantized_ids = set()
     if quantize in QUANTIZED:
         for name, layer in module.named_modules():
-            if isinstance(layer, nn.Linear) and "lora_" not in name:
+            if isinstance(layer, nn.Linear) and not is_adapter(name):
                 weight = layer.weight
                 quantized_ids.add(id(weight))
                 total += weight.numel() * BYTES_PER_PARAM[quantize]
@@ -63,7 +62,7 @@ def stored(module: nn.Module, quantize: str = "none") -> Stored:
                     total += weight.shape[0] * 4  # the fp32 scale per output row
     params = 0
     for name, param in module.named_parameters():
-        if "lora_" in name:
+        if is_adapter(name):
             continue
         params += param.numel()
         if id(param) not in quantized_ids:
@@ -76,27 +75,59 @@ def stored(module: nn.Module, quantize: str = "none") -> Stored:
     return Stored(params, int(total), kind, quantized)
 
 
+def is_adapter(name: str) -> bool:
+    """A LoRA / LoHa / LoKr parameter or layer (counted as the adapter, not the base)."""
+    from tuner.adapters.lora import ADAPTER_MARKERS
+
+    return any(marker in name for marker in ADAPTER_MARKERS)
+
+
 def lora_parameters(modules) -> list[nn.Parameter]:
     """The trainable (LoRA) parameters of the trained modules."""
     return [p for module in modules for p in module.parameters() if p.requires_grad]
 
 
+def factored(shape) -> tuple[int, int]:
+    """Adafactor / CAME's row and column statistics of a tensor of >= 2 dims (last two)."""
+    rows = 1
+    for n in shape[:-1]:
+        rows *= n
+    return rows, rows // shape[-2] * shape[-1]
+
+
+def blockwise_8bit(n: int) -> int:
+    """One bitsandbytes 8-bit moment of an n-element tensor: uint8 plus an fp32 absmax per
+    block, or fp32 under the size threshold."""
+    return n + -(-n // ADAM8_BLOCK) * 4 if n >= ADAM8_MIN_SIZE else n * 4
+
+
 def optimizer_state_bytes(params: list[nn.Parameter], optimizer: str) -> int:
-    """What the optimizer holds after its first step, as torch/bitsandbytes allocate it."""
-    if optimizer == "adamw":
-        # exp_avg and exp_avg_sq in the parameter's dtype (fp32), a 4-byte step per tensor.
-        return sum(2 * p.numel() * 4 + 4 for p in params)
-    if optimizer == "adamw8bit":
-        total, any_8bit = 0, False
+    """What the optimizer holds after its first step, as torch and each package allocate it
+    (fp32 parameters; tests/planning pins every row against the real optimizer)."""
+    numels = [p.numel() for p in params]
+    if optimizer == "adamw":  # exp_avg, exp_avg_sq, a 4-byte step tensor
+        return sum(2 * n * 4 + 4 for n in numels)
+    if optimizer in ("adamw8bit", "lion8bit"):  # two moments / Lion's one; shared code books
+        moments = 2 if optimizer == "adamw8bit" else 1
+        total = sum(moments * blockwise_8bit(n) for n in numels)
+        any_8bit = any(n >= ADAM8_MIN_SIZE for n in numels)
+        return total + (moments * 256 * 4 if any_8bit else 0)
+    if optimizer == "prodigy":  # exp_avg, exp_avg_sq, s, p0 (the start point)
+        return sum(4 * n * 4 for n in numels)
+    if optimizer == "adamw_schedulefree":  # z and exp_avg_sq
+        return sum(2 * n * 4 for n in numels)
+    if optimizer in ("adafactor", "came"):
+        total = 0
         for p in params:
-            n = p.numel()
-            if n < ADAM8_MIN_SIZE:
-                total += 2 * n * 4
+            # Adafactor (beta1 None): second moments only, factored for >= 2 dims; CAME adds
+            # a first moment and the factored residual statistics. Both keep an RMS scalar.
+            if p.dim() >= 2:
+                rows, cols = factored(p.shape)
+                total += (rows + cols) * 4 * (2 if optimizer == "came" else 1)
             else:
-                any_8bit = True
-                blocks = -(-n // ADAM8_BLOCK)
-                total += 2 * n + 2 * blocks * 4
-        return total + (ADAM8_QMAPS if any_8bit else 0)
+                total += p.numel() * 4
+            total += (p.numel() * 4 if optimizer == "came" else 0) + 4
+        return total
     raise ValueError(f"no state model for optimizer {optimizer!r}")
 
 

@@ -152,8 +152,15 @@ def traced(compute_dtype: torch.dtype | None, count_flops: bool = True):
 def meta_truth_tests():
     """`bool(meta_tensor.all())` and friends: text encoders test whether a padding mask is all
     ones to skip it; a meta tensor has no values, so such tests answer True (no padding, the
-    longest sequence: the upper bound). Any other value read from a meta tensor still fails."""
+    longest sequence: the upper bound). Boolean-mask indexing and `nonzero` (HiDream's,
+    Qwen-Image's and Z-Image's masks) likewise assume every element is nonzero, torch's own
+    meta rule under its config switch: every token kept, again the upper bound. Any other
+    value read from a meta tensor still fails."""
+    from torch.fx.experimental import _config as fx_config
+
     original_item, original_bool = torch.Tensor.item, torch.Tensor.__bool__
+    original_nonzero = fx_config.meta_nonzero_assume_all_nonzero
+    fx_config.meta_nonzero_assume_all_nonzero = True
 
     def item(self):
         if self.device.type == "meta" and self.dtype == torch.bool:
@@ -170,6 +177,7 @@ def meta_truth_tests():
         yield
     finally:
         torch.Tensor.item, torch.Tensor.__bool__ = original_item, original_bool
+        fx_config.meta_nonzero_assume_all_nonzero = original_nonzero
 
 
 def max_linear_bytes(module: torch.nn.Module, bytes_per_param: float) -> int:
