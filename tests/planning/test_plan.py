@@ -4,6 +4,9 @@ and the traced activations against the CPU allocator's own record of a real step
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -201,3 +204,22 @@ def test_arch_sd2_is_the_published_sd21_architecture():
     assert parts["unet"].config.sample_size * 8 == 768
     assert parts["scheduler"].config.prediction_type == "v_prediction"
     assert parts["text_encoder"].config.hidden_size == parts["unet"].config.cross_attention_dim
+
+
+SHIPPED = sorted(
+    str(p.relative_to(Path(__file__).resolve().parents[2]))
+    for p in (Path(__file__).resolve().parents[2] / "recipes").rglob("*.yaml")
+    if p.parent.name != "accelerate"  # accelerate configs, not recipes
+)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", SHIPPED)
+def test_every_shipped_recipe_has_a_plan(recipe, capsys):
+    """Meta-device traces of the real architectures: every family, editing ones included."""
+    from tuner.cli import main
+
+    root = Path(__file__).resolve().parents[2]
+    assert main(["plan", str(root / recipe), "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["peak_bytes"] == max(plan["phases"].values()) > 0

@@ -51,6 +51,8 @@ class Tracer:
             "target_size": sizes,
             "crop_top_left": torch.zeros((batch, 2), device="meta"),
         }
+        if family.spec.controls:  # editing: cached reference latents at the target's size
+            extra["control_latents"] = [noisy.clone() for _ in range(family.spec.controls)]
         return noisy, timesteps, cond, extra
 
     # ---- training ------------------------------------------------------------------------
