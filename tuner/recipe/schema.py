@@ -21,6 +21,11 @@ class Section(BaseModel):
     # inf/nan are never a meaningful setting (train.lr=inf trains nothing but NaNs).
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
+    def changed(self, key: str) -> bool:
+        """Whether `key` differs from its default. Not model_fields_set: a recipe dumped to
+        YAML (the run folder's recipe.yaml) sets every key."""
+        return getattr(self, key) != type(self).model_fields[key].default
+
 
 class ModelSection(Section):
     path: str
@@ -328,15 +333,14 @@ class TrainSection(Section):
             )
         takes = OPTIMIZER_TAKES.get(self.optimizer, ("betas", "eps"))
         for key in ("betas", "eps"):
-            # Compared with the default, not model_fields_set: a dumped recipe sets every key.
-            if key not in takes and getattr(self, key) != type(self).model_fields[key].default:
+            if key not in takes and self.changed(key):
                 raise ValueError(
                     f"{key}: {self.optimizer} has no such setting; remove train.{key} "
                     "(or pass the optimizer's own argument in train.optimizer_args)"
                 )
         if self.loss not in ("huber", "smooth_l1"):
             for key in ("huber_c", "huber_schedule"):
-                if getattr(self, key) != type(self).model_fields[key].default:
+                if self.changed(key):
                     raise ValueError(
                         f"{key}: only read with train.loss=huber or smooth_l1 (it is "
                         f"{self.loss}); remove train.{key}"

@@ -66,11 +66,7 @@ def optimizer_kwargs(train, device: torch.device) -> dict:
     kwargs = {} if name == "custom" else {"lr": train.lr, "weight_decay": train.weight_decay}
     for key in OPTIMIZER_TAKES[name]:
         # AdamW's defaults are the recipe's; the others keep their own unless asked.
-        # (Compared with the default: a recipe dumped to YAML sets every key.)
-        if (
-            name in ("adamw", "adamw8bit")
-            or getattr(train, key) != type(train).model_fields[key].default
-        ):
+        if name in ("adamw", "adamw8bit") or train.changed(key):
             kwargs[key] = tuple(train.betas) if key == "betas" else train.eps
     if name == "custom":
         kwargs["lr"] = train.lr
