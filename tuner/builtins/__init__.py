@@ -58,6 +58,16 @@ TABLE: dict[str, Builtin] = {
     "arch-qwen-image": Builtin(
         "qwen-image", lazy("tuner.builtins.qwen_image", "build_arch_qwen_image")
     ),
+    "tiny-qwen-image-edit": Builtin(
+        "qwen-image-edit", lazy("tuner.builtins.qwen_image_edit", "build_tiny_qwen_image_edit")
+    ),
+    # the same modules under QwenImageEditPlusPipeline (told apart by "plus" in the name)
+    "tiny-qwen-image-edit-plus": Builtin(
+        "qwen-image-edit", lazy("tuner.builtins.qwen_image_edit", "build_tiny_qwen_image_edit")
+    ),
+    "arch-qwen-image-edit": Builtin(
+        "qwen-image-edit", lazy("tuner.builtins.qwen_image_edit", "build_arch_qwen_image_edit")
+    ),
     "tiny-z-image": Builtin("z-image", lazy("tuner.builtins.z_image", "build_tiny_z_image")),
     "arch-z-image": Builtin("z-image", lazy("tuner.builtins.z_image", "build_arch_z_image")),
     "tiny-flux2-dev": Builtin("flux2", lazy("tuner.builtins.flux2", "build_tiny_flux2_dev")),

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from tuner import files
 from tuner.data.items import Item, prepare_controls, prepare_image
 from tuner.data.masks import mask_to_grid
+from tuner.data.pairs import partner_image, reference_size
 from tuner.devices import on_device
 from tuner.errors import TunerError
 
@@ -123,15 +124,34 @@ def item_latent_key(item: Item, plan: CachePlan, flip: bool) -> str:
     return latent_key(item.image_hash, item.size, plan.crop, flip, plan.identity, item.mask_hash)
 
 
-def control_key(item: Item, index: int, crop: str, flip: bool, identity: str) -> str:
+def control_key(item: Item, index: int, plan: CachePlan, flip: bool) -> str:
     """A reference image's latent: its bytes, and the target's own size and bucket (the
-    reference is resized to the target before the shared crop)."""
+    reference is resized to the target before the shared crop), or the family's own
+    reference size (then the target's size does not matter)."""
     partner = item.controls[index]
-    return digest("control", partner.image_hash, item.source_size, item.size, crop, flip, identity)
+    if plan.reference_area:
+        return digest(
+            "control", partner.image_hash, "area", plan.reference_area, flip, plan.identity
+        )
+    return digest(
+        "control", partner.image_hash, item.source_size, item.size, plan.crop, flip, plan.identity
+    )
 
 
-def text_key(caption: str, identity: str) -> str:
+def text_key(caption: str, identity: str, references: str = "") -> str:
+    # references: for encoders that read the reference images, what they were (item_text_key)
+    if references:
+        return digest("text", caption, identity, "references", references)
     return digest("text", caption, identity)
+
+
+def item_text_key(caption: str, item: Item, plan: CachePlan, flip: bool) -> str:
+    """The prompt's key: the caption, plus the (flipped) reference images when the family's
+    text encoder reads them."""
+    if not (plan.prompt_reads_references and item.controls):
+        return text_key(caption, plan.identity)
+    references = ",".join(p.image_hash for p in item.controls)
+    return text_key(caption, plan.identity, f"{references}:flip={flip}")
 
 
 @dataclasses.dataclass
@@ -142,6 +162,8 @@ class CachePlan:
     texts: TensorCache | None
     identity: str
     crop: str  # effective crop mode ("center" when latents are cached)
+    reference_area: int = 0  # FamilySpec.reference_area: how references are sized
+    prompt_reads_references: bool = False  # FamilySpec.prompt_reads_references
 
 
 def report_unusable(kind: str, bad: list[tuple[Path, str]]) -> None:
@@ -180,18 +202,29 @@ def build_cache(
     if plan.latents is not None:
         _cache_latents(items, data, plan, family, comps, device, batch_size, stats)
     if plan.texts is not None:
-        captions = sorted(
-            {item.caption for item in items} | ({""} if data.caption_dropout else set())
-        )
-        _cache_texts(captions, plan, family, comps, device, batch_size, stats)
+        _cache_texts(_text_jobs(items, data, plan), plan, family, comps, device, batch_size, stats)
     return stats
+
+
+def _text_jobs(items: list[Item], data, plan: CachePlan) -> dict[str, tuple]:
+    """key -> (caption, item, flip) of every prompt training can ask for; item is None when
+    the text encoder reads no references (then a caption is one entry however many items)."""
+    jobs: dict[str, tuple] = {}
+    dropped = {""} if data.caption_dropout else set()
+    for item in items:
+        reads = plan.prompt_reads_references and item.controls
+        for flip in (False, True) if data.flip and reads else (False,):
+            for caption in sorted({item.caption} | dropped):
+                key = item_text_key(caption, item, plan, flip)
+                jobs.setdefault(key, (caption, item if reads else None, flip))
+    return dict(sorted(jobs.items(), key=lambda job: job[1][0]))
 
 
 def _latent_jobs(item: Item, flip: bool, plan: CachePlan):
     """(key, which image) of one item: the target (None) and each reference (its index)."""
     yield item_latent_key(item, plan, flip), None
     for index in range(len(item.controls)):
-        yield control_key(item, index, plan.crop, flip, plan.identity), index
+        yield control_key(item, index, plan, flip), index
 
 
 def _cache_latents(items, data, plan, family, comps, device, batch_size, stats) -> None:
@@ -209,7 +242,7 @@ def _cache_latents(items, data, plan, family, comps, device, batch_size, stats) 
             continue
         seen.add(key)
         if plan.latents.has(key):
-            shape = family.latent_shape(comps, item.size)
+            shape = family.latent_shape(comps, reference_pixels(item, which, plan))
             expected = {"latents": shape}
             if item.mask and which is None:  # masks belong to targets, not references
                 expected["mask"] = (1, *shape[-2:])
@@ -226,7 +259,7 @@ def _cache_latents(items, data, plan, family, comps, device, batch_size, stats) 
     by_size: dict[tuple, list[str]] = {}
     for key, (item, _, which) in todo.items():
         # targets and references apart: they are encoded differently (sample vs mode)
-        by_size.setdefault((item.size, which is None), []).append(key)
+        by_size.setdefault((reference_pixels(item, which, plan), which is None), []).append(key)
     bar = tqdm(total=len(todo), desc="caching latents", unit="img")
     with on_device([comps.vae], device):
         _encode_latents(todo, by_size, plan, family, comps, device, batch_size, stats, bar)
@@ -237,7 +270,7 @@ def _encode_latents(todo, by_size, plan, family, comps, device, batch_size, stat
     for keys in by_size.values():
         for start in range(0, len(keys), batch_size):
             chunk = keys[start : start + batch_size]
-            prepared = [_prepare(*todo[k], plan.crop) for k in chunk]
+            prepared = [_prepare(*todo[k], plan) for k in chunk]
             pixels = torch.stack([p[0] for p in prepared]).to(device)
             if todo[chunk[0]][2] is not None:
                 latents = family.encode_controls(comps, pixels)
@@ -261,38 +294,53 @@ def _encode_latents(todo, by_size, plan, family, comps, device, batch_size, stat
             bar.update(len(chunk))
 
 
-def _prepare(item: Item, flip: bool, which: int | None, crop: str):
+def reference_pixels(item: Item, which: int | None, plan: CachePlan) -> tuple[int, int]:
+    """(width, height) the target (which=None) or reference `which` is encoded at."""
+    if which is None or not plan.reference_area:
+        return item.size
+    return reference_size(plan.reference_area, item.controls[which].size)
+
+
+def _prepare(item: Item, flip: bool, which: int | None, plan: CachePlan):
     if which is None:
-        return prepare_image(item, crop, flip, None)
-    pixels = prepare_controls(item, crop, flip, None)[which]
+        return prepare_image(item, plan.crop, flip, None)
+    pixels = prepare_controls(item, plan.crop, flip, None, plan.reference_area)[which]
     return pixels, (0, 0), (item.source_size[1], item.source_size[0]), None
 
 
-def _cache_texts(captions, plan, family, comps, device, batch_size, stats) -> None:
+def _cache_texts(jobs: dict[str, tuple], plan, family, comps, device, batch_size, stats) -> None:
     todo, bad = [], []
-    for caption in captions:
-        key = text_key(caption, plan.identity)
+    for key in jobs:
         if plan.texts.has(key):
             problem = plan.texts.problem(key)
             if problem is None:
                 continue
             bad.append((plan.texts.path(key), problem))
             plan.texts.discard(key)
-        todo.append(caption)
+        todo.append(key)
     report_unusable("prompt", bad)
-    stats["hit"] += len(captions) - len(todo)
+    stats["hit"] += len(jobs) - len(todo)
     if not todo:
         return
     with family.text_encoding_phase(comps, device):
         for start in tqdm(range(0, len(todo), batch_size), desc="caching prompts", unit="batch"):
             chunk = todo[start : start + batch_size]
-            encoded = family.encode_prompts(comps, chunk)
-            for row, caption in enumerate(chunk):
+            captions = [jobs[key][0] for key in chunk]
+            encoded = family.encode_prompts(comps, captions, **_references(chunk, jobs))
+            for row, (key, caption) in enumerate(zip(chunk, captions)):
                 for name, value in encoded.items():
                     if value.is_floating_point():
                         check_finite(value[row], f"{name} of the caption {caption!r}")
-                plan.texts.save(
-                    text_key(caption, plan.identity),
-                    {name: value[row] for name, value in encoded.items()},
-                )
+                plan.texts.save(key, {name: value[row] for name, value in encoded.items()})
             stats["made"] += len(chunk)
+
+
+def _references(chunk: list[str], jobs: dict[str, tuple]) -> dict:
+    """encode_prompts' `references` argument for a chunk of prompts that read them."""
+    if jobs[chunk[0]][1] is None:
+        return {}
+    return {
+        "references": [
+            [partner_image(p, jobs[key][2]) for p in jobs[key][1].controls] for key in chunk
+        ]
+    }

@@ -10,9 +10,10 @@ import random
 import torch
 from torch.utils.data import Dataset
 
-from tuner.data.cache import CachePlan, control_key, item_latent_key, text_key
+from tuner.data.cache import CachePlan, control_key, item_latent_key, item_text_key
 from tuner.data.captions import process_caption
 from tuner.data.items import Item, prepare_controls, prepare_image
+from tuner.data.pairs import partner_image
 
 log = logging.getLogger("tuner")
 
@@ -64,16 +65,16 @@ class TrainDataset(Dataset):
             out.update(plan.latents.load(item_latent_key(item, plan, flip)))
             if item.controls:
                 out["control_latents"] = [
-                    plan.latents.load(control_key(item, i, plan.crop, flip, plan.identity))[
-                        "latents"
-                    ]
+                    plan.latents.load(control_key(item, i, plan, flip))["latents"]
                     for i in range(len(item.controls))
                 ]
         else:
             crop_state = rng.getstate() if plan.crop == "random" else None
             pixels, crop_top_left, original_size, mask = prepare_image(item, plan.crop, flip, rng)
             if item.controls:  # the same crop window and flip as the target
-                out["control_pixels"] = prepare_controls(item, plan.crop, flip, crop_state)
+                out["control_pixels"] = prepare_controls(
+                    item, plan.crop, flip, crop_state, plan.reference_area
+                )
             out.update(
                 pixels=pixels,
                 crop_top_left=torch.tensor(crop_top_left),
@@ -83,9 +84,11 @@ class TrainDataset(Dataset):
                 out["mask"] = mask
         out["target_size"] = torch.tensor((item.size[1], item.size[0]))
         if plan.texts is not None:
-            out["cond"] = plan.texts.load(text_key(caption, plan.identity))
+            out["cond"] = plan.texts.load(item_text_key(caption, item, plan, flip))
         else:
             out["caption"] = caption
+            if plan.prompt_reads_references and item.controls:  # encoded with the caption
+                out["references"] = [partner_image(p, flip) for p in item.controls]
         return out
 
 
@@ -104,8 +107,20 @@ def collate(groups: list[list[dict]]) -> dict:
             batch[name] = [torch.stack(group) for group in zip(*(s[name] for s in samples))]
     if "cond" in samples[0]:
         batch["cond"] = {
-            k: torch.stack([s["cond"][k] for s in samples]) for k in samples[0]["cond"]
+            k: stack_padded([s["cond"][k] for s in samples]) for k in samples[0]["cond"]
         }
     else:
         batch["captions"] = [s["caption"] for s in samples]
+    if "references" in samples[0]:
+        batch["references"] = [s["references"] for s in samples]
     return batch
+
+
+def stack_padded(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Stacked; prompts cached at their own length (a VL encoder's, whose image tokens make
+    them differ, with a mask saying which are real) are zero-padded to the longest first."""
+    longest = max(t.shape[0] for t in tensors)
+    if all(t.shape[0] == longest for t in tensors):
+        return torch.stack(tensors)
+    pad = [(0, 0) * (t.dim() - 1) + (0, longest - t.shape[0]) for t in tensors]
+    return torch.stack([torch.nn.functional.pad(t, p) for t, p in zip(tensors, pad)])

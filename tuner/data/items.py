@@ -31,7 +31,7 @@ from tuner.data.buckets import (
 )
 from tuner.data.captions import process_caption
 from tuner.data.images import BadImage, load_image
-from tuner.data.pairs import BadPair, Partner, prepare_partner, read_partners
+from tuner.data.pairs import BadPair, Partner, prepare_partner, prepare_reference, read_partners
 from tuner.data.sources import Record, list_records
 from tuner.errors import TunerError
 
@@ -213,9 +213,14 @@ def pixels_of(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
 
-def prepare_controls(item: Item, crop: str, flip: bool, rng_state) -> list[torch.Tensor]:
+def prepare_controls(
+    item: Item, crop: str, flip: bool, rng_state, reference_area: int = 0
+) -> list[torch.Tensor]:
     """The item's reference images, aligned with its target: rng_state is the random state
-    prepare_image's crop started from (None for a center crop)."""
+    prepare_image's crop started from (None for a center crop). reference_area: the family's
+    own reference size rule (FamilySpec.reference_area), 0 for the target's size and crop."""
+    if reference_area:
+        return [pixels_of(prepare_reference(p, reference_area, flip)) for p in item.controls]
     return [
         pixels_of(prepare_partner(p, item.source_size, item.size, crop, flip, rng_state))
         for p in item.controls

@@ -9,6 +9,7 @@ controls go through the same resize, crop and flip as their target, so the pair 
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import random
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ class Partner:
 
     image: str | bytes
     image_hash: str
+    size: tuple[int, int] = (0, 0)  # (width, height) as decoded
 
 
 MISSING = "missing"  # a Record.controls entry for a partner file that does not exist
@@ -84,11 +86,11 @@ def read_partners(controls: tuple) -> tuple[Partner, ...]:
             raise BadPair("no control image")
         try:
             raw = control if isinstance(control, bytes) else Path(control).read_bytes()
-            load_image(raw)
+            size = load_image(raw).size
         except (BadImage, OSError) as exc:
             reason = exc.reason if isinstance(exc, BadImage) else type(exc).__name__
             raise BadPair(f"unreadable control image {_name(control)} ({reason})") from exc
-        partners.append(Partner(control, hashlib.sha256(raw).hexdigest()))
+        partners.append(Partner(control, hashlib.sha256(raw).hexdigest(), size))
     return tuple(partners)
 
 
@@ -114,6 +116,29 @@ def prepare_partner(
     if flip:
         image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     return image
+
+
+def reference_size(area: int, size: tuple[int, int]) -> tuple[int, int]:
+    """(width, height) of about `area` pixels with the aspect ratio of `size`, each a multiple
+    of 32: the rule QwenImageEdit(Plus)Pipeline applies to every reference image."""
+    ratio = size[0] / size[1]
+    width = math.sqrt(area * ratio)
+    return round(width / 32) * 32, round(width / ratio / 32) * 32
+
+
+def partner_image(partner: Partner, flip: bool) -> Image.Image:
+    """The whole reference, flipped with its target: what a prompt encoder that reads the
+    reference sees (the family resizes it by its pipeline's rule)."""
+    image = load_image(partner.image)
+    return image.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else image
+
+
+def prepare_reference(partner: Partner, area: int, flip: bool) -> Image.Image:
+    """The whole reference (no crop) resized to `area` pixels at its own aspect ratio with
+    Lanczos, as the pipeline's image processor resizes it, then flipped like its target."""
+    image = load_image(partner.image)
+    image = image.resize(reference_size(area, image.size), Image.Resampling.LANCZOS)
+    return image.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else image
 
 
 def _name(control) -> str:

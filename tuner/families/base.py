@@ -109,6 +109,15 @@ class FamilySpec:
     # Reference images per sample: 0 for text-to-image families (control_dir/control_column
     # refused); editing families need at least one (datasets without controls refused).
     controls: int = 0
+    # How the pipeline sizes a reference image: 0, at the output size (FluxKontext, when told
+    # not to auto-resize), so training gives it its target's size and crop window; N, at about
+    # N pixels with the reference's own aspect ratio whatever the output size (QwenImageEdit:
+    # 1024^2, multiples of 32), so training resizes the whole reference that way too.
+    reference_area: int = 0
+    # Whether the text encoder reads the reference images as well (Qwen-Image-Edit's VL
+    # encoder): prompts are then encoded and cached per (caption, references), and
+    # encode_prompts takes `references` (per prompt, the reference images as PIL).
+    prompt_reads_references: bool = False
     # model-section options beyond the source this family applies (others are refused)
     model_options: tuple[str, ...] = ()
 
@@ -238,6 +247,10 @@ class FamilyBase:
         family whose forward reads values (data-dependent routing) swaps in a shape-faithful
         stand-in here."""
         return contextlib.nullcontext()
+
+    def max_references(self, comps: Components) -> int | None:
+        """How many reference images one sample may have (None: any number)."""
+        return self.spec.controls
 
     def default_targets(self, denoiser: nn.Module) -> tuple[str, ...]:
         """LoRA targets when the recipe names none (a family whose defaults depend on the

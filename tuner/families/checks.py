@@ -126,3 +126,24 @@ def check_controls(spec: FamilySpec, recipe) -> None:
             f"sample.controls: {spec.name} edits a reference image; give one per prompt "
             f"({len(prompts)} prompts, {len(controls)} controls)"
         )
+
+
+def check_reference_counts(family, comps, items) -> None:
+    """Every pair has as many references as the loaded pipeline reads, and all pairs the same
+    number (a batch stacks the references position by position)."""
+    counts = sorted({len(item.controls) for item in items if item.controls})
+    if not counts:
+        return
+    most = family.max_references(comps)
+    if most is not None and counts[-1] > most:
+        example = next(i for i in items if len(i.controls) == counts[-1])
+        raise TunerError(
+            f"{example.record.key}: {len(example.controls)} reference images, but "
+            f"{comps.architecture or family.spec.name} reads {most}; give one per target, or "
+            "train a model that reads several (Qwen-Image-Edit-2509/2511: QwenImageEditPlus)"
+        )
+    if len(counts) > 1:
+        raise TunerError(
+            f"data: pairs with {counts[0]} and with {counts[-1]} reference images; every pair "
+            "of a run needs the same number"
+        )

@@ -30,7 +30,6 @@ from __future__ import annotations
 import logging
 import re
 from pathlib import Path
-from types import SimpleNamespace
 
 import diffusers
 import torch
@@ -48,7 +47,13 @@ from tuner.families.base import (
     replace,
 )
 from tuner.families.flux2_export import comfy_lora, refuse_unmappable_targets
-from tuner.families.loading import load_pipeline_modules, model_identity, source_kind
+from tuner.families.loading import (
+    index_pipeline,
+    load_pipeline_modules,
+    model_identity,
+    source_kind,
+    with_pipeline_class,
+)
 from tuner.objectives.flow import FlowMatchObjective
 
 log = logging.getLogger("tuner")
@@ -312,19 +317,11 @@ def is_base_name(path: str) -> bool:
 
 
 def pipeline_name(model) -> str:
-    """Which of the two pipelines a source holds, before loading it."""
-    kind = source_kind(model.path)
-    if kind == "folder":
-        import json
-
-        index = json.loads((Path(model.path).expanduser() / "model_index.json").read_text())
-        return index.get("_class_name", "Flux2Pipeline")
-    if kind == "hub":
-        try:
-            index = diffusers.DiffusionPipeline.load_config(model.path, revision=model.revision)
-            return index.get("_class_name", "Flux2Pipeline")
-        except Exception:  # offline: the release names say it
-            pass
+    """Which of the two pipelines a source holds, before loading it (offline and for
+    builtins: the release names say it)."""
+    found = index_pipeline(model)
+    if found:
+        return found
     return "Flux2KleinPipeline" if is_klein_name(model.path) else "Flux2Pipeline"
 
 
@@ -332,8 +329,7 @@ def as_pipeline(family, name: str):
     """The family as the loaders see it, with the pipeline class this source needs."""
     if name not in PIPELINES:
         raise TunerError(f"model.path: {name} is not a FLUX.2 text-to-image pipeline")
-    spec = SimpleNamespace(pipeline_class=PIPELINES[name], name=family.spec.name)
-    return SimpleNamespace(spec=spec, pipeline_extras={})
+    return with_pipeline_class(family, PIPELINES[name])
 
 
 def latent_stats(vae, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

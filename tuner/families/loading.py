@@ -113,6 +113,36 @@ def _from_single_file(family, model, dtype, extras):
         ) from exc
 
 
+def index_pipeline(model) -> str | None:
+    """The `_class_name` of a folder's or hub repo's model_index.json, before loading it (None
+    for builtins, single files, and hub repos that cannot be reached)."""
+    import json
+
+    kind = source_kind(model.path)
+    if kind == "folder":
+        index = json.loads((Path(model.path).expanduser() / "model_index.json").read_text())
+        return index.get("_class_name")
+    if kind == "hub":
+        import diffusers
+
+        try:
+            return diffusers.DiffusionPipeline.load_config(model.path, revision=model.revision).get(
+                "_class_name"
+            )
+        except Exception:  # offline: the caller falls back to the release's name
+            return None
+    return None
+
+
+def with_pipeline_class(family, pipeline_class):
+    """The family as the loaders see it, with the pipeline class this source holds (a family
+    that serves several pipelines: FLUX.2 dev / klein, Qwen-Image-Edit / Edit Plus)."""
+    from types import SimpleNamespace
+
+    spec = SimpleNamespace(pipeline_class=pipeline_class, name=family.spec.name)
+    return SimpleNamespace(spec=spec, pipeline_extras={})
+
+
 def _short(exc: Exception) -> str:
     text = str(exc).strip().splitlines()
     return (text[0] if text else type(exc).__name__)[:160]

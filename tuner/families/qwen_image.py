@@ -34,6 +34,8 @@ MAX_SEQUENCE_LENGTH = 1024  # what its encode_prompt accepts
 # Prefixes single-file transformer checkpoints carry before the diffusers module names
 # (ComfyUI's split files have none; full ComfyUI checkpoints have the first).
 FILE_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
+# What model.config names for a single transformer file's other parts, per family.
+RELEASE_REPOS = {"qwen-image": "Qwen/Qwen-Image", "qwen-image-edit": "Qwen/Qwen-Image-Edit"}
 
 
 class QwenImageFamily(FamilyBase):
@@ -213,11 +215,11 @@ def check_sizes(comps: Components, data) -> None:
             )
 
 
-def load_transformer_file(family, model, dtype: torch.dtype):
+def load_transformer_file(family, model, dtype: torch.dtype, pipeline_class=QwenImagePipeline):
     """A single-file transformer checkpoint (e.g. ComfyUI's qwen_image_bf16.safetensors): the
     transformer through diffusers' from_single_file (Qwen-Image's single-file mapping is the
     identity, so checkpoint-level prefixes are stripped first), the text encoder, VAE,
-    tokenizer and scheduler from model.config (QwenImagePipeline has no from_single_file)."""
+    tokenizer and scheduler from model.config (the Qwen pipelines have no from_single_file)."""
     from safetensors.torch import load_file
 
     path = Path(model.path).expanduser()
@@ -228,8 +230,9 @@ def load_transformer_file(family, model, dtype: torch.dtype):
     if not model.config:
         raise TunerError(
             f"model.path: {path.name} holds the transformer only; set model.config to a "
-            "Qwen-Image diffusers folder or hub id (e.g. Qwen/Qwen-Image) for the text "
-            "encoder, VAE and tokenizer"
+            f"{family.spec.name} diffusers folder or hub id (e.g. "
+            f"{RELEASE_REPOS.get(family.spec.name, 'Qwen/Qwen-Image')}) for the text encoder, VAE "
+            "and tokenizer"
         )
     state = {}
     for key, tensor in load_file(str(path)).items():
@@ -250,7 +253,7 @@ def load_transformer_file(family, model, dtype: torch.dtype):
         encoders = text_encoders.quantized_components(
             model.model_copy(update={"path": config_path}), dtype
         )
-        pipe = QwenImagePipeline.from_pretrained(
+        pipe = pipeline_class.from_pretrained(
             config_path,
             transformer=transformer,
             torch_dtype=dtype,

@@ -114,6 +114,12 @@ def render_batch(
         kwargs["max_area"] = width * height
     if negative_prompt:
         kwargs["negative_prompt"] = [negative_prompt] * len(cells)
+    if cells[0].control and len(cells) > 1 and not sizes_references_to_output(pipe):
+        # Qwen-Image-Edit encodes the reference with the prompt: a batch would pad the VL
+        # encoder's inputs (Edit Plus refuses batches), so each cell is its own call.
+        settings = dict(steps=steps, guidance=guidance, negative_prompt=negative_prompt)
+        settings.update(width=width, height=height, device=device)
+        return [render_batch(pipe, [cell], **settings)[0] for cell in cells]
     if cells[0].control:
         kwargs.update(control_arguments(pipe, cells, width, height))
     with lora_scale(pipeline_modules(pipe), cells[0].scale):
@@ -135,15 +141,21 @@ def load_control(path: str, width: int | None, height: int | None) -> Image.Imag
     return image
 
 
+def sizes_references_to_output(pipe) -> bool:
+    """FluxKontextPipeline takes the reference at the output size when told not to resize it
+    (`_auto_resize`); the Qwen-Image-Edit pipelines resize every reference to ~1024^2 at its
+    own aspect ratio themselves, as training does (FamilySpec.reference_area)."""
+    return pipeline_default(pipe, "_auto_resize") is not None
+
+
 def control_arguments(pipe, cells: list[Cell], width, height) -> dict:
     """The reference images of a batch, as the editing pipeline takes them."""
+    if not sizes_references_to_output(pipe):
+        return {"image": [load_control(cell.control, None, None) for cell in cells]}
+    # FluxKontextPipeline would resize the reference to one of Kontext's preferred sizes; it
+    # trained at its target's size, so it gets that.
     images = [load_control(cell.control, width, height) for cell in cells]
-    arguments: dict = {"image": images}
-    if pipeline_default(pipe, "_auto_resize") is not None:
-        # FluxKontextPipeline would resize the reference to one of Kontext's preferred
-        # sizes; it trained at its target's size, so keep that.
-        arguments["_auto_resize"] = False
-    return arguments
+    return {"image": images, "_auto_resize": False}
 
 
 def png_info(settings: dict) -> PngInfo:

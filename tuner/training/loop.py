@@ -86,7 +86,9 @@ def per_sample_loss(recipe, family, comps, objective, batch, generator, accelera
         cond = {k: v.to(device, non_blocking=True) for k, v in batch["cond"].items()}
     else:
         with torch.set_grad_enabled(recipe.adapter.text_encoder):
-            cond = family.encode_prompts(comps, batch["captions"])
+            # a VL prompt encoder reads the batch's reference images with its captions
+            seen = {"references": batch["references"]} if "references" in batch else {}
+            cond = family.encode_prompts(comps, batch["captions"], **seen)
     inputs = objective.sample(latents.float(), generator, share)
     with accelerator.autocast():
         pred = family.predict(comps, inputs.noisy, inputs.timesteps, cond, batch)

@@ -26,7 +26,7 @@ from tuner.data.sampler import BucketBatchSampler
 from tuner.data.stream import batch_stream
 from tuner.devices import place
 from tuner.errors import TunerError
-from tuner.families import fp8, text_encoders
+from tuner.families import checks, fp8, text_encoders
 from tuner.inference.grids import pre_encode_sample_prompts
 from tuner.recipe import Recipe
 from tuner.training import block_swap, changes, checkpoint, dreambooth, sharding, validation
@@ -108,6 +108,7 @@ def run_training(recipe: Recipe, *, count_flops: bool = False, around_steps=None
     dtype = DTYPES[recipe.train.mixed_precision]
     comps = fp8.load_components(family, recipe.model, dtype)  # family.load, fp8 if asked
     comps = family.configure(comps, recipe)
+    checks.check_reference_counts(family, comps, items + held_out)
     comps = text_encoders.mark(comps, recipe.model)
     comps.denoiser.requires_grad_(False)
     for module in comps.frozen_modules().values():
@@ -328,7 +329,10 @@ def cache_plan(recipe: Recipe, comps) -> CachePlan:
             "encoded each step instead of cached"
         )
         texts = None
-    return CachePlan(latents, texts, comps.identity, crop)
+    spec = comps.family.spec
+    return CachePlan(
+        latents, texts, comps.identity, crop, spec.reference_area, spec.prompt_reads_references
+    )
 
 
 def place_frozen_modules(comps, plan: CachePlan, device) -> None:
