@@ -530,6 +530,11 @@ def test_loads_a_bfl_single_file_transformer(tmp_path):
     for key, value in loaded.denoiser.state_dict().items():
         assert torch.equal(value, expected[key]), key
     loaded.sequence_length = 16
+    # Equal weights and prompt embeddings; the single-file transformer's image differs in the
+    # last bits on some CPUs (1.07e-5 in one of 3072 values seen), so compare at 1e-4.
     torch.testing.assert_close(
-        render(family.build_pipeline(loaded)), render(family.build_pipeline(comps))
+        render(family.build_pipeline(loaded)),
+        render(family.build_pipeline(comps)),
+        atol=1e-4,
+        rtol=0,
     )

@@ -23,11 +23,20 @@ def load(name: str, dtype=torch.bfloat16, **model):
     return family, fp8.load_components(family, spec, dtype)
 
 
+def encode(family, comps, prompt: str) -> dict:
+    """The prompt's conditioning; a VL encoder that reads references reads a gray one."""
+    if not family.spec.prompt_reads_references:
+        return family.encode_prompts(comps, [prompt])
+    from PIL import Image
+
+    return family.encode_prompts(comps, [prompt], references=[[Image.new("RGB", (32, 32))]])
+
+
 def predict(family, comps, seed: int = 0) -> torch.Tensor:
     """The denoiser's output on fixed inputs (prompt embeddings from the frozen encoders)."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        cond = family.encode_prompts(comps, ["a red circle"])
+        cond = encode(family, comps, "a red circle")
         latents = torch.randn(1, *family.latent_shape(comps, (32, 32)), generator=gen)
         noisy = latents.to(comps.dtype)
         t = torch.tensor([500.0])
@@ -120,7 +129,7 @@ def test_every_family_stores_fp8_halves_the_bytes_and_trains_lora_only(name):
     model = trained[family.spec.denoiser]
     for param in lora.trainable_parameters(model):
         param.data.normal_(0, 0.01)
-    cond = family.encode_prompts(comps, ["a blue square"])
+    cond = encode(family, comps, "a blue square")
     latents = torch.randn(1, *family.latent_shape(comps, (32, 32))).to(comps.dtype)
     batch = size_batch(family, latents)
     pred = family.predict(comps, latents, torch.tensor([500.0]), cond, batch)

@@ -81,6 +81,7 @@ def data_throughput(recipe, samples: int) -> dict:
     from tuner.data.cache import build_cache
     from tuner.data.dataset import TrainDataset, collate
     from tuner.data.items import collect_items, prepare_image
+    from tuner.data.pairs import partner_image
     from tuner.devices import on_device
     from tuner.training.run import DTYPES, cache_plan
 
@@ -107,7 +108,10 @@ def data_throughput(recipe, samples: int) -> dict:
         for i in picks:
             pixels = prepare_image(items[i], "center", False, None)[0][None].to(device)
             family.encode_images(comps, pixels)
-            family.encode_prompts(comps, [items[i].caption])
+            seen = {}
+            if family.spec.prompt_reads_references and items[i].controls:
+                seen["references"] = [[partner_image(p, False) for p in items[i].controls]]
+            family.encode_prompts(comps, [items[i].caption], **seen)
     if device.type == "cuda":
         torch.cuda.synchronize()
     uncached = samples / (time.perf_counter() - start)

@@ -156,21 +156,26 @@ class QwenImageFamily(FamilyBase):
 
 
 @contextlib.contextmanager
-def every_token_kept():
+def every_token_kept(*pipelines):
     """encode_prompt splits the encoder's states by the mask's lengths, values a meta tensor
     lacks; while planning every prompt keeps every token (the upper bound)."""
-    original = QwenImagePipeline._extract_masked_hidden
+    originals = {cls: cls._extract_masked_hidden for cls in pipelines or (QwenImagePipeline,)}
 
-    def full_length(self, hidden_states, mask):
-        if hidden_states.device.type != "meta":
-            return original(self, hidden_states, mask)
-        return tuple(hidden_states.unbind(dim=0))
+    def kept(original):
+        def full_length(self, hidden_states, mask):
+            if hidden_states.device.type != "meta":
+                return original(self, hidden_states, mask)
+            return tuple(hidden_states.unbind(dim=0))
 
-    QwenImagePipeline._extract_masked_hidden = full_length
+        return full_length
+
+    for cls, original in originals.items():
+        cls._extract_masked_hidden = kept(original)
     try:
         yield
     finally:
-        QwenImagePipeline._extract_masked_hidden = original
+        for cls, original in originals.items():
+            cls._extract_masked_hidden = original
 
 
 def batch_prompts(cond: dict, on_host: dict | None):

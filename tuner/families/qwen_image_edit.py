@@ -43,6 +43,7 @@ from tuner.families.qwen_image import (
     QwenImageFamily,
     batch_prompts,
     check_sizes,
+    every_token_kept,
     latent_stats,
     load_transformer_file,
 )
@@ -84,7 +85,9 @@ class QwenImageEditFamily(FamilyBase):
     encode_images = QwenImageFamily.encode_images
     latent_shape = QwenImageFamily.latent_shape
     objective = QwenImageFamily.objective
-    meta_trace = QwenImageFamily.meta_trace
+
+    def meta_trace(self):
+        return every_token_kept(*PIPELINES.values())
 
     def validate(self, recipe) -> None:
         validate_common(self.spec, recipe)
@@ -142,9 +145,16 @@ class QwenImageEditFamily(FamilyBase):
         by the pipeline's rule; stacked with zero padding and a mask: (B, L, D) and (B, L)."""
         pipe = self.build_pipeline(comps)
         device = mmdit.encoder_device(comps)
+        if device.type == "meta":
+            return planned_prompts(pipe, prompts, references, device)
+        if not references:
+            raise TunerError(
+                f"{self.spec.name}: each prompt is encoded with its reference images "
+                "(encode_prompts(..., references=...))"
+            )
         rows = []
         for index, prompt in enumerate(prompts):
-            images = prompt_images(pipe, references[index]) if references else None
+            images = prompt_images(pipe, references[index])
             embeds, _ = pipe.encode_prompt(prompt=[prompt], image=images, device=device)
             rows.append(embeds[0])
         longest = max(row.shape[0] for row in rows)
@@ -219,6 +229,49 @@ def prompt_images(pipe, references: list) -> list:
         width, height = edit_plus.calculate_dimensions(area, image.size[0] / image.size[1])
         resized.append(pipe.image_processor.resize(image, height, width))
     return resized
+
+
+class OnCpu:
+    """A processor whose calls make their tensors on the CPU whatever the default device."""
+
+    def __init__(self, processor):
+        self.processor = processor
+
+    def __call__(self, *args, **kwargs):
+        with torch.device("cpu"):
+            return self.processor(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.processor, name)
+
+
+def image_tokens(pipe, image) -> int:
+    """How many tokens the VL encoder gives a reference: its patch grid after the processor's
+    own resize, merged 2x2 (the processor computes it, on the CPU)."""
+    images = pipe.processor.image_processor
+    with torch.device("cpu"):
+        grid = images(images=[image], return_tensors="pt")["image_grid_thw"]
+    return int(grid.prod()) // images.merge_size**2
+
+
+def planned_prompts(pipe, prompts, references, device) -> dict[str, torch.Tensor]:
+    """`tuner plan` (meta device: no pixels to encode): each reference's image tokens stand in
+    as as many plain special tokens, so the language model runs on a sequence of the real
+    length (the vision tower's activations are left out; its weights are counted)."""
+    # the processor makes its tensors from numpy: on the CPU, not on the meta device
+    object.__setattr__(pipe, "processor", OnCpu(pipe.processor))
+    template, embeds = pipe.prompt_template_encode, []
+    for index, prompt in enumerate(prompts):
+        images = prompt_images(pipe, references[index] if references else [])
+        fill = "<|endoftext|>" * sum(image_tokens(pipe, image) for image in images)
+        if "<|image_pad|>" in template:  # Edit: the reference's place in the template
+            pipe.prompt_template_encode = template.replace("<|image_pad|>", fill)
+        else:  # Edit Plus: the references before the instruction
+            prompt = fill + prompt
+        embeds.append(pipe.encode_prompt(prompt=[prompt], image=None, device=device)[0])
+    embeds = torch.cat(embeds)
+    mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=device)
+    return {"prompt_embeds": embeds, "prompt_embeds_mask": mask}
 
 
 def reference_latents(family, comps, batch, noisy) -> list[torch.Tensor]:

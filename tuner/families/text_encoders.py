@@ -252,7 +252,18 @@ def prompt_key(arguments: dict) -> str | None:
     values = {k: v for k, v in arguments.items() if k != "device"}
     if any(isinstance(v, torch.Tensor) for v in values.values()):
         return None
-    return repr(sorted(values.items()))
+    return repr(sorted((k, by_content(v)) for k, v in values.items()))
+
+
+def by_content(value):
+    """Images (the references a VL prompt encoder reads) by their pixels, not their id."""
+    if isinstance(value, (list, tuple)):
+        return [by_content(v) for v in value]
+    if hasattr(value, "tobytes") and hasattr(value, "size") and hasattr(value, "mode"):
+        import hashlib
+
+        return f"image:{value.mode}:{value.size}:{hashlib.sha256(value.tobytes()).hexdigest()}"
+    return value
 
 
 def tree_to(value, device):

@@ -13,7 +13,13 @@ from tuner import files
 from tuner.devices import on_device
 from tuner.errors import TunerError
 from tuner.families import text_encoders
-from tuner.inference.render import Cell, png_info, render_batch, set_scheduler
+from tuner.inference.render import (
+    Cell,
+    png_info,
+    render_batch,
+    set_scheduler,
+    sizes_references_to_output,
+)
 
 AXES = ("prompt", "seed", "scale", "step", "adapter")
 MIN_CELL = 192  # cells are upscaled (nearest) to at least this, so labels fit and pixels show
@@ -254,11 +260,15 @@ def cell_calls(pipe, cells: list[Cell], recipe, device) -> list:
     time, to bound memory); each keeps its own generator, so an image does not depend on its
     batch."""
     sample, size = recipe.sample, recipe.data.resolution
+    # Qwen-Image-Edit renders each edit alone (render_batch), so each is its own call: the
+    # pre-encoding pass then stops once per cell and keeps every cell's prompt.
+    edits_alone = any(cell.control for cell in cells) and not sizes_references_to_output(pipe)
+    batch = 1 if edits_alone else GRID_BATCH
     calls = []
     for scale in dict.fromkeys(cell.scale for cell in cells):
         same_scale = [cell for cell in cells if cell.scale == scale]
-        for start in range(0, len(same_scale), GRID_BATCH):
-            chunk = same_scale[start : start + GRID_BATCH]
+        for start in range(0, len(same_scale), batch):
+            chunk = same_scale[start : start + batch]
             call = functools.partial(
                 render_batch,
                 pipe,

@@ -12,6 +12,7 @@ import contextlib
 import torch
 
 from tuner.adapters import lora
+from tuner.data.pairs import reference_size
 from tuner.planning import trace
 from tuner.planning.build import MetaModel
 from tuner.recipe import Recipe
@@ -41,7 +42,9 @@ class Tracer:
     def _inputs(self, batch: int, size: tuple[int, int]):
         family, comps = self.family, self.comps
         with torch.device("meta"), torch.no_grad(), self._meta_context():
-            cond = family.encode_prompts(comps, ["a photo"] * batch)
+            cond = family.encode_prompts(
+                comps, ["a photo"] * batch, **references(family, batch, size)
+            )
             shape = family.latent_shape(comps, size)
         noisy = torch.zeros((batch, *shape), device="meta")
         timesteps = torch.full((batch,), 500.0, device="meta")
@@ -51,8 +54,11 @@ class Tracer:
             "target_size": sizes,
             "crop_top_left": torch.zeros((batch, 2), device="meta"),
         }
-        if family.spec.controls:  # editing: cached reference latents at the target's size
-            extra["control_latents"] = [noisy.clone() for _ in range(family.spec.controls)]
+        if family.spec.controls:  # editing: cached reference latents, sized as in training
+            area = family.spec.reference_area
+            at = reference_size(area, size) if area else size
+            reference = torch.zeros((batch, *family.latent_shape(comps, at)), device="meta")
+            extra["control_latents"] = [reference.clone() for _ in range(family.spec.controls)]
         return noisy, timesteps, cond, extra
 
     # ---- training ------------------------------------------------------------------------
@@ -124,8 +130,20 @@ class Tracer:
                 self.family.encode_images(self.comps, pixels)
         return live.peak
 
-    def text_encoders(self, batch: int) -> int:
+    def text_encoders(self, batch: int, size: tuple[int, int] = (1024, 1024)) -> int:
         traced = trace.traced(None, count_flops=False)
+        seen = references(self.family, batch, size)
         with torch.no_grad(), traced as (live, _), torch.device("meta"), self._meta_context():
-            self.family.encode_prompts(self.comps, ["a photo"] * batch)
+            self.family.encode_prompts(self.comps, ["a photo"] * batch, **seen)
         return live.peak
+
+
+def references(family, batch: int, size: tuple[int, int]) -> dict:
+    """encode_prompts' `references` for a family whose prompt encoder reads them: a plain
+    image of the target's size per prompt (only its size matters on the meta device)."""
+    if not family.spec.prompt_reads_references:
+        return {}
+    from PIL import Image
+
+    image = Image.new("RGB", size, (127, 127, 127))
+    return {"references": [[image] * family.spec.controls for _ in range(batch)]}

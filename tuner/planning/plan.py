@@ -184,7 +184,7 @@ def predict(tracer: Tracer, recipe: Recipe, s: Settings, as_flop_counted: bool =
             resident = max(
                 (v.bytes for k, v in stored.items() if k not in ("vae", spec.denoiser)), default=0
             )
-        text_phase = resident + tracer.text_encoders(CACHE_BATCH)
+        text_phase = resident + tracer.text_encoders(CACHE_BATCH, size)
         phases["caching"] = max(vae_phase if cached else 0, text_phase if texts_cached else 0)
     phases["training"] = training
     if recipe.sample.prompts:
