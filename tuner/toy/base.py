@@ -160,10 +160,15 @@ def load_toy_modules() -> dict:
 
 
 def builtins() -> dict:
-    """`builtin:toy`, registered through the `tuner.builtins` entry point."""
+    """`builtin:toy` and `builtin:toy-edit`, registered through the `tuner.builtins` entry
+    point."""
     from tuner.builtins import Builtin
+    from tuner.toy.edit_base import load_edit_modules
 
-    return {"toy": Builtin("sd15", load_toy_modules)}
+    return {
+        "toy": Builtin("sd15", load_toy_modules),
+        "toy-edit": Builtin("flux-kontext", load_edit_modules),
+    }
 
 
 def sample_images(pipe, prompts, seed=0, steps=25, guidance=4.0):

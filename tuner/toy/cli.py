@@ -1,6 +1,8 @@
 """`tuner toy ...`: the toy world's own tools, under the main command.
 
 tuner toy train-base --out tuner/toy/weights/base   # the builtin:toy base model
+tuner toy train-edit-base --out tuner/toy/weights/edit   # builtin:toy-edit (Kontext-style)
+tuner toy eval-edit --lora RUN --scales 0 1          # editing LoRA: applied / kept, by the judge
 tuner toy sample --model ... --prompt "a red circle on a blue background" --out x.png
 tuner toy score --model ... --n 64                   # judge accuracy of a base model
 tuner toy judge train|eval                           # the judge classifier
@@ -15,6 +17,8 @@ import importlib
 # subcommand -> (module whose main() takes the rest of the line, argv prefix)
 TOOLS = {
     "train-base": ("tuner.toy.base", ["train"]),
+    "train-edit-base": ("tuner.toy.edit_base", []),
+    "eval-edit": ("tuner.toy.edit_eval", []),
     "sample": ("tuner.toy.base", ["sample"]),
     "score": ("tuner.toy.score", []),
     "judge": ("tuner.toy.judge", []),
@@ -30,7 +34,7 @@ def register(sub) -> None:
     evaluation.register(sub)
     p = sub.add_parser(
         "toy",
-        help="toy world tools: train-base, sample, score, judge, world",
+        help="toy world tools: train-base, train-edit-base, eval-edit, sample, score, judge, world",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
