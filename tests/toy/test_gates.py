@@ -116,3 +116,39 @@ def test_prior_preservation_keeps_the_class(dreambooth_reports):
     print("gate prior drop:", with_prior["drop"], "without prior preservation:", without["drop"])
     assert with_prior["drop"] <= 0.10, with_prior
     assert without["drop"] > with_prior["drop"], (without, with_prior)
+
+
+# --- editing: builtin:toy-edit and the hollow edit LoRA -------------------------------------
+
+
+@pytest.fixture(scope="module")
+def edit_reports(tmp_path_factory):
+    """The base editing model's own edits, and recipes/toy-edit-hollow.yaml's LoRA judged at
+    scale 0 and 1 through `tuner toy eval-edit`'s function (diffusers' load_lora_weights)."""
+    from tuner.inference.pipelines import load_adapters, load_base, lora_specs
+    from tuner.toy.edit_eval import edit_metrics
+    from tuner.toy.judge import load_judge
+
+    judge = load_judge()
+    family, pipe = load_base("builtin:toy-edit")
+    base = {
+        text: edit_metrics(pipe, judge, instruction=text, style="solid", scales=[0.0])["0"]
+        for text in ("keep it", "make it purple")
+    }
+    output = run_quickstart("toy-edit-hollow.yaml", tmp_path_factory.mktemp("hollow"))
+    load_adapters(pipe, family, lora_specs([str(output)]))
+    edits = edit_metrics(pipe, judge, scales=[0.0, 1.0])
+    print(json.dumps({"base": base, "hollow": edits}, indent=1))
+    return base, edits
+
+
+def test_edit_base_follows_instructions_it_was_trained_on(edit_reports):
+    base, _ = edit_reports
+    assert base["keep it"]["kept"] >= 0.8  # a copy of the reference
+    assert base["make it purple"]["kept_shape"] >= 0.8  # recoloured, same shape
+
+
+def test_hollow_edit_is_applied_only_with_the_lora_and_keeps_the_rest(edit_reports):
+    _, edits = edit_reports
+    assert edits["1"]["applied"] >= 0.7 and edits["1"]["kept"] >= 0.7
+    assert edits["0"]["applied"] <= 0.2  # the base does not know the edit

@@ -279,6 +279,7 @@ def cell_calls(pipe, cells: list[Cell], recipe, device) -> list:
                 width=sample.width or size,
                 height=sample.height or size,
                 device=device,
+                max_sequence_length=recipe.train.max_sequence_length,
             )
             calls.append((chunk, call))
     return calls

@@ -96,9 +96,12 @@ def render_batch(
     width: int | None,
     height: int | None,
     device,
+    max_sequence_length: int | None = None,
 ) -> list[Image.Image]:
     """One pipeline call for cells sharing a scale; one generator per cell, so each image is
-    the same as rendering it alone. None settings keep the pipeline's defaults."""
+    the same as rendering it alone. None settings keep the pipeline's defaults;
+    max_sequence_length: the text length training encoded (T5 prompts are padded to it and
+    the Flux-style transformers see the padding), where the pipeline takes one."""
     generators = [torch.Generator(device).manual_seed(cell.seed) for cell in cells]
     kwargs = {
         "num_inference_steps": steps,
@@ -108,6 +111,8 @@ def render_batch(
         "generator": generators,
         "output_type": "pil",
     }
+    if max_sequence_length and pipeline_default(pipe, "max_sequence_length") is not None:
+        kwargs["max_sequence_length"] = max_sequence_length
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
     if width and height and pipeline_default(pipe, "max_area") is not None:
         # FluxKontextPipeline rescales width x height to max_area (1024^2) unless told
@@ -119,6 +124,7 @@ def render_batch(
         # encoder's inputs (Edit Plus refuses batches), so each cell is its own call.
         settings = dict(steps=steps, guidance=guidance, negative_prompt=negative_prompt)
         settings.update(width=width, height=height, device=device)
+        settings.update(max_sequence_length=max_sequence_length)
         return [render_batch(pipe, [cell], **settings)[0] for cell in cells]
     if cells[0].control:
         kwargs.update(control_arguments(pipe, cells, width, height))

@@ -127,6 +127,7 @@ def class_calls(recipe, pipe, todo: list[int], device) -> list:
             width=size,
             height=size,
             device=device,
+            max_sequence_length=recipe.train.max_sequence_length,
         )
         calls.append((chunk, cells, call))
     return calls
