@@ -149,6 +149,12 @@ def test_edit_base_follows_instructions_it_was_trained_on(edit_reports):
 
 
 def test_hollow_edit_is_applied_only_with_the_lora_and_keeps_the_rest(edit_reports):
+    """Measured when pinned (docs/TOY.md): scale 1 applied 0.94, kept 0.72 (shape 1.00, colour
+    0.72, background 1.00); scale 0 applied 0.06, kept 0.19 (the base reads "make it hollow"
+    like "make it <colour>" and recolours)."""
     _, edits = edit_reports
-    assert edits["1"]["applied"] >= 0.7 and edits["1"]["kept"] >= 0.7
+    assert edits["1"]["applied"] >= 0.8
+    assert edits["1"]["kept"] >= 0.6 and edits["1"]["kept_shape"] >= 0.9
+    assert edits["1"]["kept_background"] >= 0.9
     assert edits["0"]["applied"] <= 0.2  # the base does not know the edit
+    assert edits["1"]["kept"] > edits["0"]["kept"]  # the LoRA keeps more than the base does
