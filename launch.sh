@@ -131,7 +131,11 @@ fi
 # SIGINT/SIGTERM to its workers and names the rank when one dies.
 if [ -n "$CONFIG_FILE" ]; then
   # An accelerate config (DeepSpeed, FSDP, several machines): accelerate's own launcher.
-  exec "$PY" -m accelerate.commands.launch --config_file "$CONFIG_FILE" \
+  # --quiet: tuner has already printed its one-line error; without it accelerate (>=1.16)
+  # repeats the worker's stderr inside its own traceback. --debug keeps accelerate's traceback.
+  QUIET="--quiet"
+  for arg in "$@"; do [ "$arg" = "--debug" ] && QUIET=""; done
+  exec "$PY" -m accelerate.commands.launch $QUIET --config_file "$CONFIG_FILE" \
     --num_processes "$NUM_PROCESSES" -m tuner train "$@"
 fi
 if [ "$NUM_PROCESSES" -gt 1 ]; then

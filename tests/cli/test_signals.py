@@ -83,6 +83,7 @@ SINGLE = [
 ]
 
 
+@pytest.mark.slow  # two ./launch.sh subprocess runs; the in-process signal tests stay fast
 @pytest.mark.parametrize("case, sig, code, line", SINGLE, ids=[c[0] for c in SINGLE])
 def test_signal_to_launch_sh_reaches_the_trainer(tmp_path, style_dir, case, sig, code, line):
     """Before: SIGTERM killed accelerate's launcher (exit 143) and the trainer ran on as an

@@ -120,7 +120,18 @@ def render_settings(name: str) -> dict:
     return {**settings, "guidance_scale": 5.0}
 
 
-def dataset_of(name: str) -> dict:
+def dataset_of(name: str, tmp: Path) -> dict:
+    if spec_of(name).reference_area:
+        # Qwen-Image-Edit encodes each reference at ~1024^2 whatever the output size: 2 of the
+        # pairs keep the battery's run short.
+        for folder, pattern in (("targets", "00[01].*"), ("controls", "00[01].png")):
+            (tmp / "pairs" / folder).mkdir(parents=True, exist_ok=True)
+            for file in (HOLLOW / folder).glob(pattern):
+                shutil.copy(file, tmp / "pairs" / folder)
+        return {
+            "path": str(tmp / "pairs" / "targets"),
+            "control_dir": str(tmp / "pairs" / "controls"),
+        }
     if spec_of(name).controls:
         return {"path": str(HOLLOW / "targets"), "control_dir": str(HOLLOW / "controls")}
     return {"path": str(REPO / "datasets" / "toy-stripes")}
@@ -132,7 +143,7 @@ def recipe_for(name: str, tmp: Path, *overrides: str):
         # alpha != rank: the LoRA scale must survive every file format
         "adapter": {"rank": 4, "alpha": 2},
         "data": {
-            "datasets": [dataset_of(name)],
+            "datasets": [dataset_of(name, tmp)],
             "resolution": size(name),
             "cache_dir": str(tmp / "cache"),
         },

@@ -87,7 +87,10 @@ def first_transformer_call(pipe, images) -> dict:
     return seen
 
 
-@pytest.mark.parametrize("path, count", [(EDIT, 1), (PLUS, 2)])
+@pytest.mark.parametrize(
+    "path, count",
+    [(EDIT, 1), pytest.param(PLUS, 2, marks=pytest.mark.slow)],  # Plus: two ~1024^2 references
+)
 def test_predict_and_prompt_are_the_pipelines_transformer_call(path, count):
     """Output 48x32 from non-square references: the target tokens, then each reference's at
     its ~1024^2 size; our reference latents, cached prompt and predict equal the pipeline's."""
@@ -297,6 +300,7 @@ def test_quickstart_trains_and_samples_each_file_with_a_control(tmp_path, monkey
     np.testing.assert_array_equal(images[WEIGHT_NAME], images[KOHYA_WEIGHT_NAME])
 
 
+@pytest.mark.slow  # two grids of 1024^2-reference edits
 def test_grid_prompts_with_their_references_are_pre_encoded(tmp_path):
     """With the VL encoder off the device (text_encoder_offload), the grid's encode_prompt
     calls, which carry the reference images, are found again by the images' content: the

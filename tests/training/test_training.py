@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 from safetensors.torch import load_file
@@ -43,6 +44,7 @@ def fixed_eval_loss(result, latents, prompt_embeds, scale: float) -> float:
     return sum(losses) / len(losses)
 
 
+@pytest.mark.slow  # 50 steps of learning: a quality check (the fast tier trains in most tests)
 def test_loss_falls_when_memorizing_two_images(make_recipe, style_dir):
     for extra in sorted(style_dir.iterdir())[4:]:
         extra.unlink()  # keep 2 images (png + txt each)
