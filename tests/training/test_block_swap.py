@@ -109,6 +109,9 @@ def test_offload_blocks_refusals(make_recipe):
     recipe = make_recipe("train.offload_blocks=2")  # tiny-sd15: a UNet
     with pytest.raises(TunerError, match="train.offload_blocks: block swap applies to"):
         families.for_model(recipe.model).validate(recipe)
+    recipe = make_recipe("train.offload_blocks=2", "model.quantize=nf4", base="builtin:tiny-flux")
+    with pytest.raises(TunerError, match="does not combine with model.quantize=nf4"):
+        families.for_model(recipe.model).validate(recipe)
 
 
 @pytest.mark.gpu

@@ -65,19 +65,22 @@ class BareSteps:
         self.mark = (step, clocks())
 
 
-def bare_step(run):
-    """A closure doing one bare step; its batch is taken from the run's stream once."""
+BARE_BATCHES = 8  # the bare step cycles through these (see bare_step)
+
+
+def bare_step(run, batches: int = BARE_BATCHES):
+    """A closure doing one bare step. It cycles through the stream's next `batches` batches,
+    held in device memory: families whose work depends on the batch's content (prompt masks
+    trimmed to the captions' real lengths: Z-Image, Qwen-Image) would otherwise time one
+    batch's captions against the stream's mix, and the ratio would say more about that batch
+    than about the loop."""
     device, recipe = run.accelerator.device, run.recipe
-    batch = next(run.batches)
-    if "latents" not in batch or "cond" not in batch:
-        raise ValueError("--bare needs cached latents and text (data.cache=true)")
-    latents = batch["latents"].to(device).float()
-    cond = {k: v.to(device) for k, v in batch["cond"].items()}
-    batch = {**batch, "latents": latents, "cond": cond}
+    held = [device_batch(next(run.batches), device) for _ in range(batches)]
     share = (run.accelerator.process_index, run.accelerator.num_processes)
     generator = torch.Generator(device).manual_seed(recipe.train.seed)
     optimizer = getattr(run.optimizer, "optimizer", run.optimizer)  # not accelerate's wrapper
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(recipe.train.mixed_precision)
+    turn = iter(range(10**12))
 
     def autocast():
         if dtype is None:
@@ -85,9 +88,12 @@ def bare_step(run):
         return torch.autocast(device.type, dtype=dtype)
 
     def step() -> None:
-        inputs = run.objective.sample(latents, generator, share)
+        batch = held[next(turn) % len(held)]
+        inputs = run.objective.sample(batch["latents"], generator, share)
         with autocast():
-            pred = run.family.predict(run.comps, inputs.noisy, inputs.timesteps, cond, batch)
+            pred = run.family.predict(
+                run.comps, inputs.noisy, inputs.timesteps, batch["cond"], batch
+            )
         loss = weighted_loss(
             pred, inputs.target, inputs.weight, run.objective.loss, inputs.huber_c
         ).mean()
@@ -96,6 +102,14 @@ def bare_step(run):
         optimizer.zero_grad(set_to_none=True)
 
     return step
+
+
+def device_batch(batch: dict, device: torch.device) -> dict:
+    if "latents" not in batch or "cond" not in batch:
+        raise ValueError("--bare needs cached latents and text (data.cache=true)")
+    latents = batch["latents"].to(device).float()
+    cond = {k: v.to(device) for k, v in batch["cond"].items()}
+    return {**batch, "latents": latents, "cond": cond}
 
 
 def time_windows(step, windows: int, window: int, device: torch.device) -> list[float]:

@@ -32,6 +32,14 @@ def validate_common(spec: FamilySpec, recipe) -> None:
             f"train.offload_blocks: block swap applies to transformer families, not the "
             f"{spec.name} UNet; set train.offload_blocks=0"
         )
+    if train.offload_blocks and model.quantize in ("nf4", "int8"):
+        # Block swap copies plain or fp8 weight tensors; a bitsandbytes layer's packed weight
+        # and its quantization state would not survive the move.
+        raise TunerError(
+            f"train.offload_blocks: block swap does not combine with model.quantize="
+            f"{model.quantize} (bitsandbytes layers); use model.quantize=fp8 or none with it, "
+            "or set train.offload_blocks=0"
+        )
     if recipe.adapter.text_encoder and not spec.text_encoder_lora:
         raise TunerError(
             f"adapter.text_encoder: text-encoder LoRA is not supported for {spec.name} (its "

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 from tuner.errors import TunerError
-from tuner.planning import storage
+from tuner.planning import offload, storage
 from tuner.planning.build import meta_model
 from tuner.planning.estimate import CACHE_BATCH, Tracer
 from tuner.recipe import Recipe
@@ -33,12 +33,13 @@ class Settings:
     checkpointing: bool
     batch: int
     grad_accum: int
+    offload_blocks: int = 0
 
     @classmethod
     def of(cls, recipe: Recipe) -> Settings:
         t = recipe.train
         return cls(recipe.model.quantize, t.optimizer, t.gradient_checkpointing, t.batch_size,
-                   t.grad_accum)  # fmt: skip
+                   t.grad_accum, t.offload_blocks)  # fmt: skip
 
 
 @dataclass
@@ -166,10 +167,15 @@ def predict(tracer: Tracer, recipe: Recipe, s: Settings, as_flop_counted: bool =
     cached = recipe.data.cache
     texts_cached = cached and not recipe.adapter.text_encoder and not recipe.data.shuffle_tags
     encoders = sum(v.bytes for k, v in stored.items() if k != "vae" and k != spec.denoiser)
+    # train.offload_blocks: the swapped blocks' weights wait in host memory (two visit).
+    away, visiting = offload.swapped_blocks(
+        tracer.family, comps.denoiser, s.offload_blocks, s.quantize
+    )
+    denoiser_bytes = stored[spec.denoiser].bytes - away + visiting
     ema = recipe.train.ema
     # train.ema: one fp32 copy of the adapter, on the GPU unless ema.on_cpu.
     ema_bytes = lora_bytes if ema is not None and not ema.on_cpu else 0
-    training = stored[spec.denoiser].bytes + lora_bytes + optimizer + ema_bytes + activations
+    training = denoiser_bytes + lora_bytes + optimizer + ema_bytes + activations
     if s.grad_accum > 1:
         training += gradients  # held across the micro-steps
     if not cached:
@@ -179,17 +185,21 @@ def predict(tracer: Tracer, recipe: Recipe, s: Settings, as_flop_counted: bool =
     phases = {}
     if cached or texts_cached:
         vae_phase = stored["vae"].bytes + tracer.vae(CACHE_BATCH, size, decode=False)
-        resident = encoders
-        if getattr(tracer.family, "encoders_one_at_a_time", False):  # HiDream: one at a time
-            resident = max(
-                (v.bytes for k, v in stored.items() if k not in ("vae", spec.denoiser)), default=0
-            )
+        resident = offload.encoding_bytes(
+            comps.text_encoders,
+            encoder_kind,
+            streamed=bool(getattr(recipe.model, "text_encoder_offload", False)),
+            one_at_a_time=getattr(tracer.family, "encoders_one_at_a_time", False),  # HiDream
+        )
         text_phase = resident + tracer.text_encoders(CACHE_BATCH, size)
         phases["caching"] = max(vae_phase if cached else 0, text_phase if texts_cached else 0)
     phases["training"] = training
     if recipe.sample.prompts:
+        weights = stored["vae"].bytes + denoiser_bytes
+        if not keeps_encoders_off(recipe):
+            weights += encoders
         phases["sampling"] = sampling_bytes(
-            tracer, recipe, stored, lora_bytes + optimizer + ema_bytes
+            tracer, recipe, weights + lora_bytes + optimizer + ema_bytes
         )
     return {
         "stored": stored,
@@ -206,20 +216,27 @@ def tracer_max_linear(tracer: Tracer) -> int:
     return max_linear_bytes(tracer.comps.denoiser, 2)
 
 
-def sampling_bytes(tracer: Tracer, recipe: Recipe, stored: dict, training_state: int) -> int:
-    """Grids during training: every module on the GPU next to LoRA and optimizer state; one
-    pipeline call renders all prompts x seeds of a scale, doubled by classifier-free guidance
-    unless the denoiser embeds guidance itself (Flux dev)."""
+def keeps_encoders_off(recipe: Recipe) -> bool:
+    """Quantized or streamed encoders never join the denoiser on the GPU: the grids' prompts
+    are encoded in the caching phase (text_encoders.keep_off_device)."""
+    model = recipe.model
+    return model.text_encoder_quantize != "none" or model.text_encoder_offload
+
+
+def sampling_bytes(tracer: Tracer, recipe: Recipe, resident: int) -> int:
+    """Grids during training: the modules on the GPU (`resident`: the denoiser, the VAE, the
+    text encoders unless their prompts were encoded beforehand, LoRA and optimizer state);
+    one pipeline call renders all prompts x seeds of a scale, doubled by classifier-free
+    guidance unless the denoiser embeds guidance itself (Flux dev)."""
     sample = recipe.sample
     width = sample.width or recipe.data.resolution
     height = sample.height or recipe.data.resolution
     batch = len(sample.prompts) * len(sample.seeds)
     if sample.guidance > 1 and tracer.comps.guidance is None:
         batch *= 2
-    weights = sum(v.bytes for v in stored.values())
     step = tracer.denoiser_forward(batch, (width, height))
     decode = tracer.vae(1, (width, height), decode=True)
-    return weights + training_state + max(step, decode)
+    return resident + max(step, decode)
 
 
 def fits(phases: dict, gb: int) -> bool:
@@ -228,17 +245,16 @@ def fits(phases: dict, gb: int) -> bool:
 
 
 def switch_candidates(recipe: Recipe, tracer: Tracer) -> list[tuple[str, dict]]:
-    """Switches in order of cost (speed and quality lost), cheapest first."""
-    from tuner.recipe.schema import TrainSection
-
+    """Switches in order of cost (speed and quality lost), cheapest first. Block swap is last
+    (it costs a copy per swapped block each step); its N is searched in verdict."""
     spec = tracer.family.spec
     out = [("train.optimizer=adamw8bit", {"optimizer": "adamw8bit"})]
     out.append(("train.gradient_checkpointing=true", {"checkpointing": True}))
+    out.append(("model.quantize=fp8", {"quantize": "fp8"}))  # every family (families/fp8.py)
     if spec.quantize:
-        out.append(("model.quantize=int8", {"quantize": "int8"}))
         out.append(("model.quantize=nf4", {"quantize": "nf4"}))
-    if "offload_blocks" in TrainSection.model_fields:  # block swap, once the key exists
-        out.append(("train.offload_blocks=N", {}))
+    if offload.block_count(tracer.family, tracer.comps.denoiser):
+        out.append(("train.offload_blocks=N", {"offload_blocks": None}))
     return out
 
 
@@ -255,8 +271,18 @@ def verdict(tracer, recipe, base: Settings, parts, gb: int, switches: bool, coun
             (f"train.batch_size=1 train.grad_accum={accum}", {"batch": 1, "grad_accum": accum})
         )
     for label, change in steps:
-        if not change or all(getattr(current, k) == v for k, v in change.items()):
+        if "offload_blocks" in change:
+            if current.quantize in ("nf4", "int8"):
+                continue  # refused together (families/checks.py)
+            found = fewest_offloaded_blocks(tracer, recipe, current, gb, counted)
+            if found is None:
+                continue
+            current = Settings(**{**asdict(current), "offload_blocks": found})
+            return "fits with: " + " ".join([*applied, f"train.offload_blocks={found}"])
+        if all(getattr(current, k) == v for k, v in change.items()):
             continue
+        if "quantize" in change and rank(change["quantize"]) <= rank(current.quantize):
+            continue  # never back to a larger storage kind
         current = Settings(**{**asdict(current), **change})
         applied = [
             a for a in applied if not (a.startswith("model.quantize") and "quantize" in change)
@@ -265,3 +291,29 @@ def verdict(tracer, recipe, base: Settings, parts, gb: int, switches: bool, coun
         if fits(predict(tracer, recipe, current, counted)["phases"], gb):
             return "fits with: " + " ".join(applied)
     return "does not fit"
+
+
+def rank(quantize: str) -> int:
+    """Storage kinds from the largest to the smallest."""
+    return {"none": 0, "fp8": 1, "int8": 1, "nf4": 2}.get(quantize, 0)
+
+
+def fewest_offloaded_blocks(tracer, recipe, current: Settings, gb: int, counted) -> int | None:
+    """The smallest N of train.offload_blocks that fits `gb` with the other settings as they
+    are (only weights move, so each try re-traces nothing), or None when all blocks do not."""
+    total = offload.block_count(tracer.family, tracer.comps.denoiser)
+
+    def fits_with(n: int) -> bool:
+        settings = Settings(**{**asdict(current), "offload_blocks": n})
+        return fits(predict(tracer, recipe, settings, counted)["phases"], gb)
+
+    low, high = max(current.offload_blocks, 0) + 1, total
+    if low > high or not fits_with(high):
+        return None
+    while low < high:  # the peak falls as N grows: the first N that fits
+        middle = (low + high) // 2
+        if fits_with(middle):
+            high = middle
+        else:
+            low = middle + 1
+    return low
