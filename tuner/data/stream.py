@@ -76,10 +76,11 @@ def batch_stream(dataset, sampler, state: dict, accelerator, num_workers: int):
     )
     if num_workers > 0:
         return iter(loader)  # the workers already load ahead
-    if accelerator.device.type == "cpu":
-        # A thread only overlaps when the step waits on a device: on the CPU it competes with
-        # the step for the cores and the GIL (measured on tiny-z-image: +0.7 ms of CPU a step,
-        # where loading the batch in the step costs 0.15 ms).
+    from_cache = dataset.plan.latents is not None and dataset.plan.texts is not None
+    if accelerator.device.type == "cpu" and from_cache:
+        # Cached batches are memory work that cannot overlap a CPU step: a thread competes with
+        # it for the cores and the GIL (tiny-z-image: +0.7 ms of CPU a step, where loading the
+        # batch in the step costs 0.15 ms). Decoding images does overlap (PIL releases the GIL).
         return iter(loader)
     return Prefetched(iter(loader))
 
