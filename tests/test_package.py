@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 PACKAGE = Path(__file__).resolve().parents[1] / "tuner"
 
 
@@ -40,6 +42,7 @@ def test_the_walk_sees_an_import_of_the_toy_world(tmp_path):
     assert "tuner.toy" in imported_modules(probe)
 
 
+@pytest.mark.slow  # a training subprocess
 def test_training_a_tiny_builtin_leaves_the_toy_world_unloaded(tmp_path):
     code = (
         "import sys\n"

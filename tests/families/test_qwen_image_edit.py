@@ -241,12 +241,17 @@ def two_reference_set(tmp_path: Path) -> dict:
     return {"path": str(folder), "control_column": "refs"}
 
 
-def test_edit_refuses_two_references_and_edit_plus_trains_on_them(tmp_path):
+def test_edit_refuses_two_references(tmp_path):
     entry = two_reference_set(tmp_path)
     with pytest.raises(TunerError, match=r"2 reference images, but qwen-image-edit reads 1"):
         run_training(validate_recipe(raw_recipe(tmp_path / "edit", EDIT, entry)))
     out = tmp_path / "edit" / "out"
     assert not out.exists() or not any(out.iterdir())  # refused before anything was written
+
+
+@pytest.mark.slow  # two steps with two ~1024^2 references each
+def test_edit_plus_trains_on_two_references(tmp_path):
+    entry = two_reference_set(tmp_path)
     seen = []
 
     family_class = type(families.get("qwen-image-edit"))

@@ -152,6 +152,7 @@ def test_dreambooth_run_report(dreambooth_run, capsys):
     assert prior["drop"] == pytest.approx(prior["base"] - report["prior_preservation"])
 
 
+@pytest.mark.slow  # runs the evaluation twice
 def test_same_command_same_report_and_images(style_run, capsys, tmp_path):
     flags = [*FAST, "--seeds", "3", "4"]
     first = eval_json(capsys, style_run, *flags)

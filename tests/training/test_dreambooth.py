@@ -142,6 +142,7 @@ def test_text_encoder_lora_is_saved_and_changes_embeddings(db_raw):
     assert (after - before).abs().max() > 1e-4
 
 
+@pytest.mark.slow  # two training runs
 def test_prior_weight_zero_equals_instance_only(db_raw, tmp_path):
     with_prior = run_training(
         recipe_of(db_raw, "dreambooth.prior_loss_weight=0", f"output.dir={tmp_path / 'a'}")

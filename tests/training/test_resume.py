@@ -110,6 +110,7 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path, style_dir):
     assert len(got) == len(expected)
 
 
+@pytest.mark.slow  # a 400-step subprocess run
 def test_sigint_saves_a_checkpoint_and_prints_how_to_resume(tmp_path, style_dir):
     path = recipe_file(tmp_path, style_dir, "interrupted", steps=400)
     proc = subprocess.Popen(
