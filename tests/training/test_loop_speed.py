@@ -144,3 +144,28 @@ def test_bench_bare_prints_both_step_times_and_the_ratio(style_dir, tmp_path, ca
     ratio = float(line.split("loop_overhead=")[1].split("x")[0])
     assert 0.2 < ratio < 5
     assert not (tmp_path / "out").exists()  # bench trains in a temporary folder
+
+
+@pytest.mark.slow
+def test_overhead_ladder_times_every_rung_up_to_the_loops_own_step(style_dir, tmp_path, capsys):
+    import yaml
+
+    from tuner.cli import bench_overhead
+
+    recipe = tmp_path / "ladder.yaml"
+    raw = {
+        "model": {"path": "builtin:tiny-sd15"},
+        "adapter": {"rank": 4},
+        "data": {"datasets": [{"path": str(style_dir)}], "resolution": 64},
+        "train": {"steps": 1, "batch_size": 2},
+        "output": {"dir": str(tmp_path / "out")},
+    }
+    recipe.write_text(yaml.safe_dump(raw))
+    cache = f"data.cache_dir={tmp_path / 'cache'}"
+    results = bench_overhead.main([str(recipe), cache, "--ladder", "--rounds", "1"])
+    names = list(results)
+    assert names[0] == "bare step (held batches)" and names[-1] == "train_one_step"
+    assert len(names) == 7 and all(seconds > 0 for seconds in results.values())
+    printed = capsys.readouterr().out
+    assert all(name in printed for name in names)
+    assert not (tmp_path / "out").exists()

@@ -1,12 +1,18 @@
 """What each piece of the training loop costs per step, timed one at a time on a loaded run.
 
     OMP_NUM_THREADS=1 python -m tuner.cli.bench_overhead recipes/quickstart.yaml [k=v ...]
+    OMP_NUM_THREADS=1 python -m tuner.cli.bench_overhead recipes/quickstart.yaml --ladder
 
 Loads the recipe's run as `tuner train` does (cached latents and text), then times, each in
 isolation and as a median of repeats, the loop's own work around the model: the next batch from
 the DataLoader, the per-step generator, accelerate's accumulate/autocast contexts, gradient
 clipping, the NaN guard, the progress bar, logging and checkpoint checks. Shares are of the
 bare step (tuner.cli.bench_bare). A measurement tool: it prints a table, it asserts nothing.
+
+--ladder times the pieces in place instead: steps that add the loop's work to the bare step one
+piece at a time, up to the loop's own `train_one_step`, in shuffled order each round. A piece
+can cost more inside a step than alone (on tiny models the step's weights and the loop's
+Python share the caches), and only the ladder sees that.
 """
 
 from __future__ import annotations
@@ -87,6 +93,91 @@ def measure(run, repeats: int) -> dict:
     return results
 
 
+def ladder_steps(run) -> dict:
+    """name -> one training step; each adds one piece of the loop's work to the one before."""
+    import contextlib
+
+    from tuner.cli import bench_bare
+    from tuner.objectives.common import weighted_loss
+    from tuner.training import loop
+
+    accelerator, device = run.accelerator, run.accelerator.device
+    optimizer = loop.raw_optimizer(run)
+    held = [bench_bare.device_batch(next(run.batches), device) for _ in range(8)]
+    turn = iter(range(10**12))
+    generator = torch.Generator(device).manual_seed(0)
+    running = torch.zeros((), device=device)
+
+    def step_with(level: int):
+        def step() -> None:
+            fresh = level >= 1
+            batch = bench_bare.device_batch(next(run.batches), device) if fresh else None
+            batch = batch or held[next(turn) % len(held)]
+            noise = loop.step_generator(run, 1, 0) if level >= 2 else generator
+            with accelerator.accumulate() if level >= 3 else contextlib.nullcontext():
+                if level >= 4:
+                    loss = loop.compute_loss(
+                        run.recipe, run.family, run.comps, run.objective, batch, noise, accelerator
+                    )
+                else:
+                    inputs = run.objective.sample(batch["latents"], noise, (0, 1))
+                    pred = run.family.predict(
+                        run.comps, inputs.noisy, inputs.timesteps, batch["cond"], batch
+                    )
+                    loss = weighted_loss(
+                        pred, inputs.target, inputs.weight, run.objective.loss, inputs.huber_c
+                    ).mean()
+                accelerator.backward(loss) if level >= 3 else loss.backward()
+                if level >= 5:
+                    loop.guarded_step(run, loop.finish_gradients(run, loss))
+                else:
+                    optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+
+        return step
+
+    def loop_step() -> None:
+        loop.train_one_step(run, running)
+        run.state["step"] = 0  # the same noise seed every time, as the rungs above
+
+    names = [
+        "bare step (held batches)",
+        "+ a fresh batch from the stream",
+        "+ the per-step generator",
+        "+ accelerate accumulate, backward",
+        "+ compute_loss (autocast, loss path)",
+        "+ clipping, NaN flag, guarded step",
+    ]
+    return {**{name: step_with(i) for i, name in enumerate(names)}, "train_one_step": loop_step}
+
+
+def measure_ladder(run, rounds: int) -> dict:
+    """Median process CPU time per step of each rung, over rounds of 10 steps per rung."""
+    import random
+
+    steps = ladder_steps(run)
+    for step in steps.values():
+        for _ in range(3):
+            step()
+    times: dict = {name: [] for name in steps}
+    for _ in range(rounds):
+        order = list(steps.items())
+        random.shuffle(order)  # no rung always follows the same one
+        for name, step in order:
+            start = time.process_time()
+            for _ in range(10):
+                step()
+            times[name].append((time.process_time() - start) / 10)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def print_ladder(results: dict) -> None:
+    bare = next(iter(results.values()))
+    print(f"{'step':40s} {'ms/step':>10s} {'x bare':>8s}")
+    for name, seconds in results.items():
+        print(f"{name:40s} {seconds * 1e3:10.3f} {seconds / bare:8.3f}")
+
+
 def print_table(results: dict) -> None:
     bare = results["bare step"]
     print(f"{'source':40s} {'us/step':>10s} {'% of bare':>10s}")
@@ -104,19 +195,24 @@ def main(argv=None) -> dict:
     parser.add_argument("recipe")
     parser.add_argument("overrides", nargs="*")
     parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--ladder", action="store_true", help="time the pieces inside the step")
+    parser.add_argument("--rounds", type=int, default=100, help="--ladder: rounds of 10 steps")
     args = parser.parse_args(argv)
     results: dict = {}
 
     @contextlib.contextmanager
     def around(run):
-        results.update(measure(run, args.repeats))
+        if args.ladder:
+            results.update(measure_ladder(run, args.rounds))
+        else:
+            results.update(measure(run, args.repeats))
         yield
 
     with tempfile.TemporaryDirectory(prefix="tuner-overhead-") as tmp:
         overrides = [*args.overrides, "data.cache=true", "train.steps=1", "sample.prompts=[]"]
         recipe = load_recipe(args.recipe, [*overrides, f"output.dir={tmp}/run", "log.to=[]"])
         run_training(recipe, around_steps=around)
-    print_table(results)
+    (print_ladder if args.ladder else print_table)(results)
     return results
 
 
