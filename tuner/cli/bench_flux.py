@@ -2,6 +2,7 @@
 
     python -m tuner.cli.bench_flux                      # dev, NF4, 1024^2, rank 16, 8-bit AdamW
     python -m tuner.cli.bench_flux --quantize none      # the bf16 baseline
+    python -m tuner.cli.bench_flux --quantize fp8 --offload-blocks 8   # the memory kit
 
 Only the transformer is built (random init from the FLUX.1 config, no download); the text
 embeddings are random tensors of the cached shapes (T5 512 x 4096, CLIP pooled 768) and the
@@ -28,7 +29,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         prog="python -m tuner.cli.bench_flux", description=__doc__.splitlines()[0]
     )
     parser.add_argument("--variant", choices=("dev", "schnell"), default="dev")
-    parser.add_argument("--quantize", choices=("nf4", "int8", "none"), default="nf4")
+    parser.add_argument("--quantize", choices=("nf4", "int8", "fp8", "none"), default="nf4")
+    parser.add_argument(
+        "--offload-blocks", type=int, default=0, help="train.offload_blocks: blocks swapped"
+    )
     parser.add_argument("--resolution", type=int, default=1024)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--rank", type=int, default=16)
@@ -57,14 +61,18 @@ def build_transformer(variant: str, quantize: str, tiny: bool = False):
 
     from tuner.builtins.flux import build_tiny_flux, flux_transformer_config
     from tuner.builtins.parts import default_dtype
+    from tuner.families.fp8 import store_in_fp8
     from tuner.families.quantize import load_quantized_folder
 
     if tiny:  # a smoke test of this script on any machine
-        return build_tiny_flux()["transformer"].to(torch.bfloat16)
-    torch.manual_seed(0)
-    with default_dtype(torch.bfloat16), torch.device("cuda"):
-        model = FluxTransformer2DModel(**flux_transformer_config(variant))
-    if quantize == "none":
+        model = build_tiny_flux()["transformer"].to(torch.bfloat16)
+    else:
+        torch.manual_seed(0)
+        with default_dtype(torch.bfloat16), torch.device("cuda"):
+            model = FluxTransformer2DModel(**flux_transformer_config(variant))
+    if quantize == "fp8":  # model.quantize=fp8's own route (families/fp8.py)
+        store_in_fp8(model, torch.bfloat16)
+    if quantize in ("none", "fp8"):
         return model
     # The same route as a builtin with model.quantize: save, then load through diffusers'
     # BitsAndBytesConfig. /dev/shm, when it has room, keeps the 24 GB round trip off the disk.
@@ -84,12 +92,13 @@ def main(argv=None) -> dict:
     from tuner.objectives.common import weighted_mse
     from tuner.objectives.flow import FlowMatchObjective
     from tuner.recipe import AdapterSection, TrainSection
+    from tuner.training import block_swap
     from tuner.training.optim import build_optimizer
 
     args = parse_args(argv)
     cuda = torch.cuda.is_available()
-    if not cuda and not (args.tiny and args.quantize == "none"):
-        raise SystemExit("bench_flux needs a CUDA GPU (or --tiny --quantize none)")
+    if not cuda and not (args.tiny and args.quantize in ("none", "fp8")):
+        raise SystemExit("bench_flux needs a CUDA GPU (or --tiny --quantize none|fp8)")
     device = torch.device("cuda" if cuda else "cpu")
     if args.no_cudnn_attention:
         # Some torch/cuDNN pairs fail in cuDNN attention's backward at Flux's 4608 tokens.
@@ -100,11 +109,13 @@ def main(argv=None) -> dict:
 
     family = FluxFamily()
     comps = SimpleNamespace(
-        denoiser=transformer, text_encoders={}, extra={"dtype": torch.bfloat16, "guidance": 1.0}
+        denoiser=transformer, text_encoders={}, dtype=torch.bfloat16, guidance=1.0
     )
     trained = lora.inject(comps, AdapterSection(rank=args.rank, alpha=args.rank), family)
     if not args.no_checkpointing:
         transformer.enable_gradient_checkpointing()
+    # As the run does: after LoRA, before the move (the swapped weights go to pinned host memory).
+    swap = block_swap.install(family, transformer, args.offload_blocks, device)
     transformer.to(device).train()
     train = TrainSection(steps=args.steps, optimizer=args.optimizer, lr=1e-4)
     params = lora.trainable_parameters(trained["transformer"])
@@ -153,6 +164,8 @@ def main(argv=None) -> dict:
         "device": torch.cuda.get_device_name() if cuda else "cpu",
         "variant": "tiny" if args.tiny else args.variant,
         "quantize": args.quantize,
+        "offload_blocks": args.offload_blocks,
+        "block_copies_per_step": round(swap.copies / (args.warmup + args.steps), 1) if swap else 0,
         "resolution": args.resolution,
         "batch": args.batch,
         "rank": args.rank,

@@ -3,6 +3,7 @@ init): peak memory and seconds per step, on a CPU or a GPU.
 
     python -m tuner.cli.bench_z_image --resolution 256        # CPU: bf16 fits in RAM (~13 GB)
     python -m tuner.cli.bench_z_image --resolution 1024       # GPU: the 24 GB recipe's step
+    python -m tuner.cli.bench_z_image --resolution 1024 --quantize fp8 --offload-blocks 8
 
 Only the transformer is built (6.15B parameters from the Z-Image-Turbo config, in bf16); the
 caption embeddings are random tensors of the cached shape (Qwen3-4B width 2560, `--caption`
@@ -33,6 +34,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--caption", type=int, default=128, help="caption tokens per prompt")
     parser.add_argument("--optimizer", choices=("adamw8bit", "adamw"), default="adamw8bit")
     parser.add_argument("--no-checkpointing", action="store_true")
+    parser.add_argument("--quantize", choices=("none", "fp8"), default="none")
+    parser.add_argument(
+        "--offload-blocks", type=int, default=0, help="train.offload_blocks: blocks swapped"
+    )
+    parser.add_argument("--tiny", action="store_true", help="builtin:tiny-z-image's transformer")
     parser.add_argument("--steps", type=int, default=3, help="timed steps")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--json", help="also write the result to this file")
@@ -44,13 +50,20 @@ def build(args, device: torch.device):
     from peft import LoraConfig
 
     from tuner.builtins.parts import default_dtype
-    from tuner.builtins.z_image import z_image_transformer_config
+    from tuner.builtins.z_image import build_tiny_z_image, z_image_transformer_config
     from tuner.families import get
+    from tuner.families.fp8 import store_in_fp8
+    from tuner.training import block_swap
 
     family = get("z-image")
     torch.manual_seed(0)
-    with default_dtype(torch.bfloat16):  # built in bf16: an fp32 build would need 25 GB
-        transformer = ZImageTransformer2DModel(**z_image_transformer_config())
+    if args.tiny:  # a smoke test of this script on any machine
+        transformer = build_tiny_z_image()["transformer"].to(torch.bfloat16)
+    else:
+        with default_dtype(torch.bfloat16):  # built in bf16: an fp32 build would need 25 GB
+            transformer = ZImageTransformer2DModel(**z_image_transformer_config())
+    if args.quantize == "fp8":  # model.quantize=fp8's own route (families/fp8.py)
+        store_in_fp8(transformer, torch.bfloat16)
     transformer.requires_grad_(False)
     if not args.no_checkpointing:
         transformer.enable_gradient_checkpointing()
@@ -59,9 +72,11 @@ def build(args, device: torch.device):
     lora = [p for p in transformer.parameters() if p.requires_grad]
     for param in lora:
         param.data = param.data.float()  # LoRA in fp32 over the bf16 base, as training keeps it
+    # As the run does: after LoRA, before the move (the swapped weights stay in host memory).
+    swap = block_swap.install(family, transformer, args.offload_blocks, device)
     transformer.to(device).train()
     comps = SimpleNamespace(dtype=torch.bfloat16, denoiser=transformer)
-    return family, comps, lora
+    return family, comps, lora, swap
 
 
 def make_optimizer(name: str, params):
@@ -84,14 +99,16 @@ def main(argv=None) -> int:
     if device.type == "cuda":
         torch.backends.cuda.enable_cudnn_sdp(False)  # its backward crashed at this size (H100)
     built = time.perf_counter()
-    family, comps, lora = build(args, device)
+    family, comps, lora, swap = build(args, device)
     built = time.perf_counter() - built
     optimizer = make_optimizer(args.optimizer, lora)
     side = args.resolution // 8
     generator = torch.Generator(device).manual_seed(0)
     latents = torch.randn(args.batch, 16, side, side, device=device, generator=generator)
     cond = {
-        "prompt_embeds": torch.randn(args.batch, args.caption, 2560, device=device),
+        "prompt_embeds": torch.randn(
+            args.batch, args.caption, comps.denoiser.config.cap_feat_dim, device=device
+        ),
         "prompt_mask": torch.ones(args.batch, args.caption, dtype=torch.bool, device=device),
     }
 
@@ -128,6 +145,9 @@ def main(argv=None) -> int:
         "rank": args.rank,
         "optimizer": args.optimizer,
         "gradient_checkpointing": not args.no_checkpointing,
+        "quantize": args.quantize,
+        "offload_blocks": args.offload_blocks,
+        "block_copies_per_step": round(swap.copies / (args.warmup + args.steps), 1) if swap else 0,
         "transformer_params_b": round(sum(p.numel() for p in comps.denoiser.parameters()) / 1e9, 3),
         "lora_params_m": round(sum(p.numel() for p in lora) / 1e6, 2),
         "build_s": round(built, 1),

@@ -1,0 +1,47 @@
+"""The GPU benchmark scripts run end to end on the tiny builtins (their CPU path), so the first
+session with a GPU does not spend its minutes on a script that no longer runs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def test_bench_memory_rows_run_and_sit_beside_their_plans(tmp_path):
+    from tuner.cli import bench_memory
+
+    results = bench_memory.main(["--tiny", "--only", "flux-dev fp8", "--out", str(tmp_path)])
+    assert [r["name"] for r in results] == [f"flux-dev fp8 N={n}" for n in (0, 8, 16)]
+    assert all("error" not in r for r in results), results
+    assert all(r["plan_training_gib"] is not None for r in results)
+    assert results[0]["block_copies_per_step"] == 0
+    assert all(r["block_copies_per_step"] > 0 for r in results[1:])  # blocks really swapped
+    assert [r["baseline"] for r in results] == [None, "flux-dev fp8 N=0", "flux-dev fp8 N=0"]
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert [r["name"] for r in saved] == [r["name"] for r in results]
+    assert "| flux-dev fp8 N=16 |" in (tmp_path / "results.md").read_text()
+
+
+@pytest.mark.parametrize("module", ["bench_flux", "bench_z_image"])
+def test_transformer_benches_train_with_fp8_and_block_swap(module, capsys):
+    import importlib
+
+    bench = importlib.import_module(f"tuner.cli.{module}")
+    size = ["--seq", "8"] if module == "bench_flux" else ["--caption", "8"]
+    args = ["--tiny", "--quantize", "fp8", "--offload-blocks", "2", "--optimizer", "adamw"]
+    bench.main([*args, "--resolution", "64", "--steps", "2", *size])
+    printed = capsys.readouterr().out
+    result = json.loads(printed[printed.index("{") :])
+    assert result["quantize"] == "fp8" and result["offload_blocks"] == 2
+    assert result["block_copies_per_step"] > 0
+
+
+def test_bench_gpu_tiny_flux_rows_run(tmp_path):
+    from tuner.cli import bench_gpu
+
+    results = bench_gpu.main(["--tiny", "--only", "flux", "--out", str(tmp_path)])
+    assert [r["name"] for r in results] == ["flux-dev 1024 bf16", "flux-dev 1024 nf4"]
+    assert "error" not in results[0], results[0]  # the bf16 row runs on the CPU
