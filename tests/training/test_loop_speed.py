@@ -169,3 +169,37 @@ def test_overhead_ladder_times_every_rung_up_to_the_loops_own_step(style_dir, tm
     printed = capsys.readouterr().out
     assert all(name in printed for name in names)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "loss, norm, finite",
+    [
+        (1.0, 2.0, True),
+        (1.0, None, True),
+        (float("nan"), 2.0, False),
+        (float("inf"), 2.0, False),
+        (float("-inf"), 2.0, False),
+        (1.0, float("nan"), False),
+        (1.0, float("inf"), False),
+        (float("nan"), None, False),
+    ],
+)
+def test_nan_guard_flag_is_loss_and_norm_finite(loss, norm, finite):
+    grad_norm = None if norm is None else torch.tensor(norm)
+    assert bool(loop.nan_guard_flag(torch.tensor(loss), grad_norm)) is finite
+
+
+def test_clipping_norm_is_torchs_total_norm_bit_for_bit():
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(n, 8)) for n in (3, 16, 64)]
+    for param in params:
+        param.grad = torch.randn_like(param) * 10
+    expected = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
+
+    class FakeRun:  # what clip_gradients reads of a Run
+        one_tensor_group = True
+        accelerator = type("A", (), {"scaler": None, "device": torch.device("cpu")})()
+        optimizer = torch.optim.SGD(params, lr=0.1)
+
+    total = loop.clip_gradients(FakeRun(), params, max_norm=1.0)
+    assert torch.equal(total, expected)
