@@ -121,11 +121,9 @@ def test_speed_switches_that_cannot_apply_are_refused(make_recipe, override, mes
     assert not (tmp_path / "out").exists()  # refused before anything was written
 
 
-@pytest.mark.slow
-def test_bench_bare_prints_both_step_times_and_the_ratio(style_dir, tmp_path, capsys):
+def bench_recipe(style_dir, tmp_path) -> list[str]:
+    """A one-step tiny-sd15 recipe file and its cache folder, as the bench tools take them."""
     import yaml
-
-    from tuner.cli import main
 
     recipe = tmp_path / "bench.yaml"
     raw = {
@@ -136,8 +134,24 @@ def test_bench_bare_prints_both_step_times_and_the_ratio(style_dir, tmp_path, ca
         "output": {"dir": str(tmp_path / "out")},
     }
     recipe.write_text(yaml.safe_dump(raw))
-    cache = f"data.cache_dir={tmp_path / 'cache'}"
-    args = ["bench", str(recipe), cache, "--bare", "--steps", "2", "--warmup", "1", "--window", "1"]
+    return [str(recipe), f"data.cache_dir={tmp_path / 'cache'}"]
+
+
+@pytest.mark.slow
+def test_bench_bare_prints_both_step_times_and_the_ratio(style_dir, tmp_path, capsys):
+    from tuner.cli import main
+
+    args = [
+        "bench",
+        *bench_recipe(style_dir, tmp_path),
+        "--bare",
+        "--steps",
+        "2",
+        "--warmup",
+        "1",
+        "--window",
+        "1",
+    ]
     assert main(args) == 0
     line = capsys.readouterr().out.strip().splitlines()[-1]
     assert line.startswith("full step ") and "loop_overhead=" in line
@@ -148,21 +162,9 @@ def test_bench_bare_prints_both_step_times_and_the_ratio(style_dir, tmp_path, ca
 
 @pytest.mark.slow
 def test_overhead_ladder_times_every_rung_up_to_the_loops_own_step(style_dir, tmp_path, capsys):
-    import yaml
-
     from tuner.cli import bench_overhead
 
-    recipe = tmp_path / "ladder.yaml"
-    raw = {
-        "model": {"path": "builtin:tiny-sd15"},
-        "adapter": {"rank": 4},
-        "data": {"datasets": [{"path": str(style_dir)}], "resolution": 64},
-        "train": {"steps": 1, "batch_size": 2},
-        "output": {"dir": str(tmp_path / "out")},
-    }
-    recipe.write_text(yaml.safe_dump(raw))
-    cache = f"data.cache_dir={tmp_path / 'cache'}"
-    results = bench_overhead.main([str(recipe), cache, "--ladder", "--rounds", "1"])
+    results = bench_overhead.main([*bench_recipe(style_dir, tmp_path), "--ladder", "--rounds", "1"])
     names = list(results)
     assert names[0] == "bare step (held batches)" and names[-1] == "train_one_step"
     assert len(names) == 7 and all(seconds > 0 for seconds in results.values())
@@ -187,19 +189,3 @@ def test_overhead_ladder_times_every_rung_up_to_the_loops_own_step(style_dir, tm
 def test_nan_guard_flag_is_loss_and_norm_finite(loss, norm, finite):
     grad_norm = None if norm is None else torch.tensor(norm)
     assert bool(loop.nan_guard_flag(torch.tensor(loss), grad_norm)) is finite
-
-
-def test_clipping_norm_is_torchs_total_norm_bit_for_bit():
-    torch.manual_seed(0)
-    params = [torch.nn.Parameter(torch.randn(n, 8)) for n in (3, 16, 64)]
-    for param in params:
-        param.grad = torch.randn_like(param) * 10
-    expected = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
-
-    class FakeRun:  # what clip_gradients reads of a Run
-        one_tensor_group = True
-        accelerator = type("A", (), {"scaler": None, "device": torch.device("cpu")})()
-        optimizer = torch.optim.SGD(params, lr=0.1)
-
-    total = loop.clip_gradients(FakeRun(), params, max_norm=1.0)
-    assert torch.equal(total, expected)

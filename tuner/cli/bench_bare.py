@@ -74,34 +74,32 @@ def bare_step(run, batches: int = BARE_BATCHES):
     trimmed to the captions' real lengths: Z-Image, Qwen-Image) would otherwise time one
     batch's captions against the stream's mix, and the ratio would say more about that batch
     than about the loop."""
-    device, recipe = run.accelerator.device, run.recipe
+    device = run.accelerator.device
     held = [device_batch(next(run.batches), device) for _ in range(batches)]
-    share = (run.accelerator.process_index, run.accelerator.num_processes)
-    generator = torch.Generator(device).manual_seed(recipe.train.seed)
+    generator = torch.Generator(device).manual_seed(run.recipe.train.seed)
     optimizer = getattr(run.optimizer, "optimizer", run.optimizer)  # not accelerate's wrapper
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(recipe.train.mixed_precision)
     turn = iter(range(10**12))
 
-    def autocast():
-        if dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device.type, dtype=dtype)
-
     def step() -> None:
-        batch = held[next(turn) % len(held)]
-        inputs = run.objective.sample(batch["latents"], generator, share)
-        with autocast():
-            pred = run.family.predict(
-                run.comps, inputs.noisy, inputs.timesteps, batch["cond"], batch
-            )
-        loss = weighted_loss(
-            pred, inputs.target, inputs.weight, run.objective.loss, inputs.huber_c
-        ).mean()
-        loss.backward()
+        bare_loss(run, held[next(turn) % len(held)], generator).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
     return step
+
+
+def bare_loss(run, batch: dict, generator: torch.Generator) -> torch.Tensor:
+    """The bare step's loss: the objective's noise, one family.predict under the recipe's
+    autocast, the weighted loss; none of the loop's own work."""
+    share = (run.accelerator.process_index, run.accelerator.num_processes)
+    inputs = run.objective.sample(batch["latents"], generator, share)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(run.recipe.train.mixed_precision)
+    autocast = torch.autocast(run.accelerator.device.type, dtype=dtype) if dtype else None
+    with autocast or contextlib.nullcontext():
+        pred = run.family.predict(run.comps, inputs.noisy, inputs.timesteps, batch["cond"], batch)
+    return weighted_loss(
+        pred, inputs.target, inputs.weight, run.objective.loss, inputs.huber_c
+    ).mean()
 
 
 def device_batch(batch: dict, device: torch.device) -> dict:

@@ -97,24 +97,33 @@ def command(row: dict) -> list[str]:
 
 
 def run_one(row: dict, timeout: float) -> dict:
+    result, outcome = run_json(command(row), timeout)
+    outcome = {"name": row["name"], **outcome}
+    return outcome if result is None else {**outcome, **flatten(row, result)}
+
+
+def run_json(command: list[str], timeout: float) -> tuple[dict | None, dict]:
+    """Run one benchmark process: (the JSON object it printed last, {"wall_s"} or {"error"})."""
     started = time.perf_counter()
     try:
-        done = subprocess.run(command(row), capture_output=True, text=True, timeout=max(timeout, 1))
+        done = subprocess.run(command, capture_output=True, text=True, timeout=max(timeout, 1))
     except subprocess.TimeoutExpired:
-        return {"name": row["name"], "error": f"timed out after {timeout:.0f}s"}
+        return None, {"error": f"timed out after {timeout:.0f}s"}
     seconds = round(time.perf_counter() - started, 1)
     result = last_json(done.stdout)
     if done.returncode != 0 or result is None:
         tail = (done.stderr.strip().splitlines() or ["no output"])[-1][:200]
-        return {"name": row["name"], "error": f"exit {done.returncode}: {tail}", "wall_s": seconds}
-    return {"name": row["name"], "wall_s": seconds, **flatten(row, result)}
+        return None, {"error": f"exit {done.returncode}: {tail}", "wall_s": seconds}
+    return result, {"wall_s": seconds}
 
 
 def last_json(stdout: str) -> dict | None:
-    for line in reversed(stdout.strip().splitlines()):
-        if line.startswith("{"):
+    """The last JSON object printed: one line or indented over several, text may follow it."""
+    lines = stdout.strip().splitlines()
+    for index in range(len(lines) - 1, -1, -1):
+        if lines[index].startswith("{"):
             try:
-                return json.loads(line)
+                return json.JSONDecoder().raw_decode("\n".join(lines[index:]))[0]
             except json.JSONDecodeError:
                 return None
     return None
@@ -137,8 +146,10 @@ def flatten(row: dict, result: dict) -> dict:
     }
 
 
-def markdown(results: list[dict]) -> str:
-    cols = ["images_per_s", "s_per_step", "mfu", "peak_mem_gib", "loop_overhead", "wall_s"]
+COLUMNS = ["images_per_s", "s_per_step", "mfu", "peak_mem_gib", "loop_overhead", "wall_s"]
+
+
+def markdown(results: list[dict], cols: list[str] = COLUMNS) -> str:
     lines = ["| run | " + " | ".join(cols) + " | note |", "|" + " --- |" * (len(cols) + 2)]
     for r in results:
         cells = ["" if r.get(c) is None else str(r.get(c)) for c in cols]

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 from tuner import files
+from tuner.cli.bench_gpu import last_json, markdown, run_json
 
 FLUX_PLAN = ("recipes/flux/style-qlora.yaml", ["model.path=builtin:arch-flux-dev"])
 Z_IMAGE_PLAN = ("recipes/z-image/style-lora.yaml", [])
@@ -86,16 +87,9 @@ def plan_training_gib(process) -> float | None:
 
 
 def run_row(row: dict, timeout: float) -> dict:
-    command = [sys.executable, "-m", row["module"], *row["args"]]
-    started = time.perf_counter()
-    try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=max(timeout, 1))
-    except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {timeout:.0f}s"}
-    result = last_json(done.stdout)
-    if done.returncode != 0 or result is None:
-        tail = (done.stderr.strip().splitlines() or ["no output"])[-1][:200]
-        return {"error": f"exit {done.returncode}: {tail}"}
+    result, outcome = run_json([sys.executable, "-m", row["module"], *row["args"]], timeout)
+    if result is None:
+        return outcome
     peak = result.get("peak_allocated_gib", result.get("peak_gib"))
     if result.get("device") == "cpu":
         peak = None  # a CPU run has no allocator peak to set beside the plan
@@ -104,20 +98,8 @@ def run_row(row: dict, timeout: float) -> dict:
         "measured_gib": peak,
         "s_per_step": result.get("s_per_step", result.get("s_per_step_median")),
         "block_copies_per_step": result.get("block_copies_per_step"),
-        "wall_s": round(time.perf_counter() - started, 1),
+        **outcome,
     }
-
-
-def last_json(stdout: str) -> dict | None:
-    """The last JSON object printed (bench_z_image prints it indented, over several lines)."""
-    lines = stdout.strip().splitlines()
-    for index in range(len(lines) - 1, -1, -1):
-        if lines[index].startswith("{"):
-            try:
-                return json.loads("\n".join(lines[index:]))
-            except json.JSONDecodeError:
-                return None
-    return None
 
 
 def compare(results: list[dict]) -> None:
@@ -144,14 +126,6 @@ COLUMNS = [
 ]
 
 
-def markdown(results: list[dict]) -> str:
-    lines = ["| run | " + " | ".join(COLUMNS) + " | note |", "|" + " --- |" * (len(COLUMNS) + 2)]
-    for r in results:
-        cells = ["" if r.get(c) is None else str(r[c]) for c in COLUMNS]
-        lines.append(f"| {r['name']} | " + " | ".join(cells) + f" | {r.get('error', '')} |")
-    return "\n".join(lines) + "\n"
-
-
 def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(
         prog="python -m tuner.cli.bench_memory", description=__doc__.splitlines()[0]
@@ -176,8 +150,8 @@ def main(argv=None) -> list[dict]:
     compare(results)
     out = Path(args.out)
     files.write_json(out / "results.json", results)
-    files.write_text(out / "results.md", markdown(results))
-    print(markdown(results))
+    files.write_text(out / "results.md", markdown(results, COLUMNS))
+    print(markdown(results, COLUMNS))
     return results
 
 

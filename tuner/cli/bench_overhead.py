@@ -98,7 +98,6 @@ def ladder_steps(run) -> dict:
     import contextlib
 
     from tuner.cli import bench_bare
-    from tuner.objectives.common import weighted_loss
     from tuner.training import loop
 
     accelerator, device = run.accelerator, run.accelerator.device
@@ -110,9 +109,10 @@ def ladder_steps(run) -> dict:
 
     def step_with(level: int):
         def step() -> None:
-            fresh = level >= 1
-            batch = bench_bare.device_batch(next(run.batches), device) if fresh else None
-            batch = batch or held[next(turn) % len(held)]
+            if level >= 1:
+                batch = bench_bare.device_batch(next(run.batches), device)
+            else:
+                batch = held[next(turn) % len(held)]
             noise = loop.step_generator(run, 1, 0) if level >= 2 else generator
             with accelerator.accumulate() if level >= 3 else contextlib.nullcontext():
                 if level >= 4:
@@ -120,13 +120,7 @@ def ladder_steps(run) -> dict:
                         run.recipe, run.family, run.comps, run.objective, batch, noise, accelerator
                     )
                 else:
-                    inputs = run.objective.sample(batch["latents"], noise, (0, 1))
-                    pred = run.family.predict(
-                        run.comps, inputs.noisy, inputs.timesteps, batch["cond"], batch
-                    )
-                    loss = weighted_loss(
-                        pred, inputs.target, inputs.weight, run.objective.loss, inputs.huber_c
-                    ).mean()
+                    loss = bench_bare.bare_loss(run, batch, noise)
                 accelerator.backward(loss) if level >= 3 else loss.backward()
                 if level >= 5:
                     loop.guarded_step(run, loop.finish_gradients(run, loss))
