@@ -3,6 +3,7 @@ leading tags, and trigger-word prefix/suffix."""
 
 from __future__ import annotations
 
+import functools
 import random
 from collections import Counter
 
@@ -30,15 +31,24 @@ def process_caption(
     if rng.random() < dropout:
         return ""
 
-    text = " ".join((caption or "").split())  # collapse whitespace and newlines
-    if shuffle_tags:
-        tags = split_tags(text)
-        keep = max(0, keep_tokens)
-        head, tail = tags[:keep], tags[keep:]
-        rng.shuffle(tail)
-        text = ", ".join(head + tail)
+    if not shuffle_tags:
+        return _compose(prefix, caption or "", suffix)
+    tags = split_tags(_collapse(caption or ""))
+    keep = max(0, keep_tokens)
+    head, tail = tags[:keep], tags[keep:]
+    rng.shuffle(tail)
+    return _compose(prefix, ", ".join(head + tail), suffix)
 
-    return _join(_join(prefix, text), suffix)
+
+# Pure and called for every sample of every step with the dataset's few captions: memoized,
+# since on the CPU a batch is loaded inside the step.
+@functools.lru_cache(maxsize=1 << 16)
+def _compose(prefix: str, text: str, suffix: str) -> str:
+    return _join(_join(prefix, _collapse(text)), suffix)
+
+
+def _collapse(text: str) -> str:
+    return " ".join(text.split())  # whitespace and newlines to single spaces
 
 
 def _join(left: str, right: str) -> str:

@@ -82,7 +82,7 @@ class TrainDataset(Dataset):
             )
             if mask is not None:  # at pixel size; the loss averages it onto the latent grid
                 out["mask"] = mask
-        out["target_size"] = torch.tensor((item.size[1], item.size[0]))
+        out["target_size"] = (item.size[1], item.size[0])  # a tensor per batch, in collate
         if plan.texts is not None:
             out["cond"] = plan.texts.load(item_text_key(caption, item, plan, flip))
         else:
@@ -96,9 +96,10 @@ def collate(groups: list[list[dict]]) -> dict:
     """Instances first, then their prior partners, so `is_prior` marks the tail."""
     samples = [group[0] for group in groups] + [s for group in groups for s in group[1:]]
     batch: dict = {"is_prior": torch.tensor([s["is_prior"] for s in samples])}
-    for name in ("latents", "pixels", "crop_top_left", "original_size", "target_size"):
+    for name in ("latents", "pixels", "crop_top_left", "original_size"):
         if name in samples[0]:
             batch[name] = torch.stack([s[name] for s in samples])
+    batch["target_size"] = torch.tensor([s["target_size"] for s in samples])
     masked = [s["mask"] for s in samples if "mask" in s]
     if masked:  # samples without a mask (prior images, unmasked datasets) train everywhere
         batch["mask"] = torch.stack([s.get("mask", torch.ones_like(masked[0])) for s in samples])
