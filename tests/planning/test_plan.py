@@ -167,7 +167,7 @@ def test_train_preflight_logs_one_line_and_names_an_unplannable_source(make_reci
 def test_optimizer_state_model_equals_the_optimizer_after_one_step(name):
     """Every named optimizer's state model against its real state: matrices (factored by
     Adafactor / CAME), vectors, and sizes on both sides of bitsandbytes' 8-bit threshold."""
-    from tuner.recipe.schema import TrainSection
+    from tuner.recipe.train_section import TrainSection
 
     params = [torch.nn.Parameter(torch.randn(shape)) for shape in [(16, 8), (100,), (80, 64)]]
     train = TrainSection(steps=1, optimizer=name, lr=1.0 if name == "prodigy" else 1e-3)

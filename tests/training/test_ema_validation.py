@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from tuner.adapters.lora import WEIGHT_NAME
 from tuner.recipe import load_recipe
-from tuner.recipe.schema import EmaSection
+from tuner.recipe.train_section import EmaSection
 from tuner.training import checkpoint
 from tuner.training.ema import EMA_KOHYA_WEIGHT_NAME, EMA_WEIGHT_NAME, AdapterEma
 from tuner.training.run import run_training

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tuner.errors import TunerError
-from tuner.recipe.schema import TrainSection
+from tuner.recipe.train_section import TrainSection
 from tuner.training import optim
 
 NAMED = ["adamw", "adamw8bit", "prodigy", "adafactor", "came", "adamw_schedulefree", "lion8bit"]

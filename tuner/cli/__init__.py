@@ -19,6 +19,7 @@ from tuner.errors import TunerError
 COMMAND_GROUPS = (
     "tuner.cli.train",
     "tuner.cli.sample",
+    "tuner.cli.grid",
     "tuner.cli.export",
     "tuner.cli.bench",
     "tuner.cli.plan",

@@ -8,14 +8,13 @@ from tuner.recipe.schema import (
     DataSection,
     DatasetEntry,
     DreamBoothSection,
-    FlowSection,
     LogSection,
     ModelSection,
     OutputSection,
     Recipe,
     SampleSection,
-    TrainSection,
 )
+from tuner.recipe.train_section import FlowSection, TrainSection
 
 __all__ = [
     "AdapterSection",

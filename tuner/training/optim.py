@@ -2,7 +2,7 @@
 
 Every optimizer gets the recipe's parameter groups (each with its own lr) and train.lr; the
 named ones also get train.weight_decay and, where they take them, train.betas / train.eps
-(schema.OPTIMIZER_TAKES). train.optimizer_args are extra keyword arguments for any optimizer,
+(train_section.OPTIMIZER_TAKES). train.optimizer_args are extra keyword arguments for any optimizer,
 given last so they win. Optional packages are imported only when chosen.
 """
 
@@ -60,7 +60,7 @@ def optimizer_class(train) -> type:
 
 def optimizer_kwargs(train, device: torch.device) -> dict:
     """Keyword arguments beside the parameter groups: the recipe's, then optimizer_args."""
-    from tuner.recipe.schema import OPTIMIZER_TAKES
+    from tuner.recipe.train_section import OPTIMIZER_TAKES
 
     name = train.optimizer
     kwargs = {} if name == "custom" else {"lr": train.lr, "weight_decay": train.weight_decay}
