@@ -189,3 +189,46 @@ def test_overhead_ladder_times_every_rung_up_to_the_loops_own_step(style_dir, tm
 def test_nan_guard_flag_is_loss_and_norm_finite(loss, norm, finite):
     grad_norm = None if norm is None else torch.tensor(norm)
     assert bool(loop.nan_guard_flag(torch.tensor(loss), grad_norm)) is finite
+
+
+def test_in_step_batches_are_the_dataloaders_batches_from_any_position():
+    """On the CPU with a full cache the stream skips the DataLoader; it must yield exactly its
+    batches, (epoch, position) included, also when resumed mid-epoch."""
+    from types import SimpleNamespace
+
+    from torch.utils.data import DataLoader
+
+    from tuner.data.sampler import BucketBatchSampler
+    from tuner.data.stream import KeyBatches, KeyedDataset, batch_stream, collate_with_position
+
+    class CachedSamples:
+        plan = SimpleNamespace(latents=object(), texts=object())  # both cached
+
+        def __getitem__(self, key):
+            index, epoch, position = key
+            g = torch.Generator().manual_seed(index * 10_007 + epoch * 101 + position)
+            return [
+                {
+                    "is_prior": False,
+                    "latents": torch.randn(4, 8, 8, generator=g),
+                    "target_size": (64, 64 + index),
+                    "cond": {"prompt_embeds": torch.randn(7, 16, generator=g)},
+                }
+            ]
+
+    dataset = CachedSamples()
+    sampler = BucketBatchSampler([(64, 64)] * 7 + [(64, 32)] * 4, batch_size=2, seed=3)
+    cpu = SimpleNamespace(process_index=0, num_processes=1, device=torch.device("cpu"))
+    for start in ({"epoch": 0, "position": 0}, {"epoch": 1, "position": 3}):
+        stream = batch_stream(dataset, sampler, start, cpu, num_workers=0)
+        keys = KeyBatches(sampler, start["epoch"], start["position"], 0, 1)
+        loader = iter(
+            DataLoader(KeyedDataset(dataset), batch_sampler=keys, collate_fn=collate_with_position)
+        )
+        for _ in range(15):  # over two epoch ends
+            ours, theirs = next(stream), next(loader)
+            assert ours.keys() == theirs.keys()
+            assert (ours["epoch"], ours["position"]) == (theirs["epoch"], theirs["position"])
+            for name in ("latents", "target_size", "is_prior"):
+                assert torch.equal(ours[name], theirs[name])
+            assert torch.equal(ours["cond"]["prompt_embeds"], theirs["cond"]["prompt_embeds"])
