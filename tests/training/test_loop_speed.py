@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from tuner.errors import TunerError
-from tuner.training import loop
+from tuner.training import loop, update
 from tuner.training import run as train_module
 
 
@@ -34,7 +34,7 @@ def test_device_guard_skips_the_same_step_as_the_host_guard(make_recipe, monkeyp
     host_weights = {k: p.detach().clone() for k, p in enumerate(host.trained["unet"].parameters())}
 
     poison_step(monkeypatch, lambda n: n == 2)
-    monkeypatch.setattr(loop, "guard_on_device", lambda run: True)  # CPU fused AdamW has it
+    monkeypatch.setattr(update, "guard_on_device", lambda run: True)  # CPU fused AdamW has it
     with caplog.at_level(logging.WARNING, logger="tuner"):
         device = train_module.run_training(recipe)
     assert "step 2: non-finite loss or gradient; step skipped" in caplog.text
@@ -46,7 +46,7 @@ def test_device_guard_skips_the_same_step_as_the_host_guard(make_recipe, monkeyp
 def test_device_guard_still_stops_after_nan_patience(make_recipe, monkeypatch):
     recipe = make_recipe("train.steps=6", "train.nan_patience=2", "log.every=10")
     poison_step(monkeypatch, lambda n: n >= 2)
-    monkeypatch.setattr(loop, "guard_on_device", lambda run: True)
+    monkeypatch.setattr(update, "guard_on_device", lambda run: True)
     with pytest.raises(TunerError, match="2 steps in a row had non-finite"):
         train_module.run_training(recipe)
 
@@ -188,7 +188,7 @@ def test_overhead_ladder_times_every_rung_up_to_the_loops_own_step(style_dir, tm
 )
 def test_nan_guard_flag_is_loss_and_norm_finite(loss, norm, finite):
     grad_norm = None if norm is None else torch.tensor(norm)
-    assert bool(loop.nan_guard_flag(torch.tensor(loss), grad_norm)) is finite
+    assert bool(update.nan_guard_flag(torch.tensor(loss), grad_norm)) is finite
 
 
 def test_in_step_batches_are_the_dataloaders_batches_from_any_position():

@@ -40,7 +40,7 @@ def loop_sources(run) -> dict:
     """name -> a callable doing that piece of one step's loop work, as the loop does it."""
     from tqdm.auto import tqdm
 
-    from tuner.training import loop
+    from tuner.training import loop, update
 
     params = run.params
     loss = torch.ones((), device=run.accelerator.device, requires_grad=False)
@@ -59,8 +59,8 @@ def loop_sources(run) -> dict:
         "step generator": lambda: loop.step_generator(run, 7, 0),
         "accelerate accumulate+autocast": accumulate_contexts,
         "run.params list": lambda: run.params,
-        "grad clip": lambda: loop.clip_gradients(run, params, max_norm),
-        "NaN guard (flag + read)": lambda: bool(loop.nan_guard_flag(loss, None)),
+        "grad clip": lambda: update.clip_gradients(run, params, max_norm),
+        "NaN guard (flag + read)": lambda: bool(update.nan_guard_flag(loss, None)),
         "tqdm update (shown)": lambda: live_bar.update(1),
         "tqdm update (hidden)": lambda: bar.update(1),
         "running loss": lambda: running.add_(loss.detach()),
@@ -98,10 +98,10 @@ def ladder_steps(run) -> dict:
     import contextlib
 
     from tuner.cli import bench_bare
-    from tuner.training import loop
+    from tuner.training import loop, update
 
     accelerator, device = run.accelerator, run.accelerator.device
-    optimizer = loop.raw_optimizer(run)
+    optimizer = update.raw_optimizer(run)
     held = [bench_bare.device_batch(next(run.batches), device) for _ in range(8)]
     turn = iter(range(10**12))
     generator = torch.Generator(device).manual_seed(0)
@@ -123,7 +123,7 @@ def ladder_steps(run) -> dict:
                     loss = bench_bare.bare_loss(run, batch, noise)
                 accelerator.backward(loss) if level >= 3 else loss.backward()
                 if level >= 5:
-                    loop.guarded_step(run, loop.finish_gradients(run, loss))
+                    update.guarded_step(run, update.finish_gradients(run, loss))
                 else:
                     optimizer.step()
                 optimizer.zero_grad(set_to_none=True)

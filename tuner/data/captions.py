@@ -31,24 +31,21 @@ def process_caption(
     if rng.random() < dropout:
         return ""
 
-    if not shuffle_tags:
-        return _compose(prefix, caption or "", suffix)
-    tags = split_tags(_collapse(caption or ""))
-    keep = max(0, keep_tokens)
-    head, tail = tags[:keep], tags[keep:]
-    rng.shuffle(tail)
-    return _compose(prefix, ", ".join(head + tail), suffix)
+    text = caption or ""
+    if shuffle_tags:
+        tags = split_tags(text)
+        keep = max(0, keep_tokens)
+        head, tail = tags[:keep], tags[keep:]
+        rng.shuffle(tail)
+        text = ", ".join(head + tail)
+    return _compose(prefix, text, suffix)
 
 
 # Pure and called for every sample of every step with the dataset's few captions: memoized,
-# since on the CPU a batch is loaded inside the step.
+# since on the CPU a batch is loaded inside the step. _join collapses whitespace and newlines.
 @functools.lru_cache(maxsize=1 << 16)
 def _compose(prefix: str, text: str, suffix: str) -> str:
-    return _join(_join(prefix, _collapse(text)), suffix)
-
-
-def _collapse(text: str) -> str:
-    return " ".join(text.split())  # whitespace and newlines to single spaces
+    return _join(_join(prefix, text), suffix)
 
 
 def _join(left: str, right: str) -> str:

@@ -82,7 +82,7 @@ def batch_stream(dataset, sampler, state: dict, accelerator, num_workers: int):
         # it for the cores and the GIL (tiny-z-image: +0.7 ms of CPU a step, where loading the
         # batch in the step costs 0.15 ms). Decoding images does overlap (PIL releases the GIL).
         # Nothing to pin and no workers: the same batches without the DataLoader's per-batch
-        # machinery (65 -> 48 us a batch on tiny-flux2, paid inside the step here).
+        # machinery (65 -> 50 us a batch on tiny-flux2, paid inside the step here).
         return in_step_batches(KeyedDataset(dataset), key_batches)
     return Prefetched(iter(loader))
 

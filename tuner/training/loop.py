@@ -1,5 +1,5 @@
-"""The step loop: batch -> loss -> backward -> (all-reduce, clip, NaN guard) -> step -> log,
-checkpoint, sample. Everything a step needs travels in one `Run`."""
+"""The step loop: batch -> loss -> backward -> update (training.update: all-reduce, clip, NaN
+guard, step) -> log, checkpoint, sample. Everything a step needs travels in one `Run`."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from tuner.adapters import lora
 from tuner.errors import TunerError
 from tuner.objectives.common import elementwise_loss, weighted_loss
 from tuner.objectives.masks import masked_mean
-from tuner.training import checkpoint, sharding
+from tuner.training import checkpoint, update
 from tuner.training.optim import eval_weights, train_mode
 
 log = logging.getLogger("tuner")
@@ -121,8 +121,8 @@ def run_steps(run: Run) -> None:
             step = run.state["step"] + 1
             run.pending.append((step, train_one_step(run, running)))
             save_now = run.recipe.output.save_every and step % run.recipe.output.save_every == 0
-            if needs_settling(run, step, save_now):
-                settle_guard(run)
+            if update.needs_settling(run, step, save_now):
+                update.settle_guard(run)
             run.scheduler.step()
             stop_text_encoder_training(run, step)
             if run.ema is not None:
@@ -130,7 +130,7 @@ def run_steps(run: Run) -> None:
             bar.update(1)
             log_progress(run, step, running, bar)
             if run.validation is not None and step % run.validation.every == 0:
-                settle_guard(run)  # keep_best writes a checkpoint
+                update.settle_guard(run)  # keep_best writes a checkpoint
                 with eval_weights(run.optimizer):  # schedule-free: its evaluation weights
                     run.validation.after_step(run, step, bar)
             stop = stop_everywhere(run, stopper.requested)
@@ -140,7 +140,7 @@ def run_steps(run: Run) -> None:
                 # checkpoint holds them, and a resumed run switches back exactly as this one.
                 with eval_weights(run.optimizer, stay=step == train_cfg.steps):
                     if save_now or stop:
-                        settle_guard(run)  # the checkpoint records how many updates applied
+                        update.settle_guard(run)  # the checkpoint records how many updates applied
                         checkpoint.save_training_state(run)
                     if sample_now:
                         sample_during_training(run, step)
@@ -149,7 +149,7 @@ def run_steps(run: Run) -> None:
                     f"stopped by {stopper.signal_name or 'a signal'} at step {step}; resume with: "
                     f"{run.recipe.command('train.resume=latest')}"
                 )
-        settle_guard(run)
+        update.settle_guard(run)
     finally:
         bar.close()
     if run.state.get("applied", run.state["step"]) == 0:
@@ -186,8 +186,8 @@ def train_one_step(run: Run, running: torch.Tensor):
             )
             accelerator.backward(loss)
             if accelerator.sync_gradients:
-                outcome = guarded_step(run, finish_gradients(run, loss))
-                stepper(run).zero_grad(set_to_none=True)
+                outcome = update.guarded_step(run, update.finish_gradients(run, loss))
+                update.stepper(run).zero_grad(set_to_none=True)
         running += loss.detach() / train_cfg.grad_accum
     run.state.update(step=step + 1, epoch=batch["epoch"], position=batch["position"])
     return outcome
@@ -199,146 +199,6 @@ def step_generator(run: Run, step: int, micro: int) -> torch.Generator:
     return torch.Generator(run.accelerator.device).manual_seed(
         run.recipe.train.seed * 1_000_003 + step * 101 + micro * 7
     )
-
-
-def finish_gradients(run: Run, loss: torch.Tensor) -> torch.Tensor:
-    """Average across processes, clip; returns the device flag 'loss and gradients finite'."""
-    params = run.params
-    replicated = sharding.unsharded(params)  # FSDP reduced its own in backward
-    if run.accelerator.num_processes > 1 and replicated:
-        average_gradients(replicated, run.accelerator)
-    grad_norm = None
-    if run.recipe.train.max_grad_norm:
-        max_norm = run.recipe.train.max_grad_norm
-        if len(replicated) < len(params):  # FSDP: the norm over every shard
-            grad_norm = sharding.clip_grad_norm(run.accelerator, params, max_norm)
-        else:
-            grad_norm = clip_gradients(run, params, max_norm)
-    return nan_guard_flag(loss, grad_norm)
-
-
-def average_gradients(params: list[torch.nn.Parameter], accelerator) -> None:
-    """Mean of the LoRA gradients over processes, in one flat all-reduce. The models are not
-    wrapped in DDP: only LoRA weights train, so this is all DDP would do for them, and frozen
-    or unused parameters can never trip DDP's unused-parameter check."""
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = accelerator.reduce(torch.cat([g.flatten() for g in grads]), reduction="mean")
-    offset = 0
-    for param, grad in zip(params, grads):
-        param.grad = flat[offset : offset + grad.numel()].view_as(param).to(grad.dtype)
-        offset += grad.numel()
-
-
-def clip_gradients(run: Run, params, max_norm: float) -> torch.Tensor:
-    """Scale the gradients to a total norm of at most max_norm; returns the norm before. With
-    fused AdamW the scale is its `grad_scale` input (the kernel divides each gradient by it),
-    so clipping adds one norm pass and no pass of its own; otherwise torch's clipping, with
-    foreach kernels also on the CPU (where torch's default is one kernel per tensor)."""
-    if run.accelerator.scaler is not None:
-        run.accelerator.unscale_gradients()  # fp16: clip the true gradients
-    foreach = True if run.accelerator.device.type in ("cpu", "cuda") else None
-    grads = [p.grad for p in params if p.grad is not None]
-    total = torch.nn.utils.get_total_norm(grads, foreach=foreach)
-    fused = fused_adamw(run)
-    if fused is not None:  # the same coefficient as torch's clip_grads_with_norm_
-        fused.grad_scale = ((total + 1e-6) / max_norm).clamp(min=1.0)
-    else:
-        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total, foreach=foreach)
-    return total
-
-
-def nan_guard_flag(loss, grad_norm) -> torch.Tensor:
-    flag = torch.isfinite(loss)
-    if grad_norm is not None:
-        flag = flag & torch.isfinite(torch.as_tensor(grad_norm))
-    return flag
-
-
-def raw_optimizer(run: Run):
-    return getattr(run.optimizer, "optimizer", run.optimizer)  # inside accelerate's wrapper
-
-
-def stepper(run: Run):
-    """The optimizer to call step/zero_grad on. Without fp16's GradScaler, accelerate's wrapper
-    adds only its own checks (~0.25 ms a step: a package lookup per call, a signature
-    inspection), so the loop calls torch's optimizer; with the scaler, the wrapper drives it."""
-    return run.optimizer if run.accelerator.scaler is not None else raw_optimizer(run)
-
-
-def fused_adamw(run: Run):
-    """torch's fused AdamW when the loop may drive its grad_scale/found_inf inputs itself (not
-    with fp16, whose GradScaler owns them), else None."""
-    optimizer = raw_optimizer(run)
-    if run.accelerator.scaler is not None or type(optimizer) is not torch.optim.AdamW:
-        return None
-    return optimizer if optimizer.defaults.get("fused") else None
-
-
-def guard_on_device(run: Run) -> bool:
-    """Skip a bad step without waiting for the GPU: fused AdamW takes a `found_inf` tensor and
-    then leaves parameters and state untouched (GradScaler's mechanism). On the CPU reading the
-    flag costs nothing (the step is already computed), so the CPU decides on the host."""
-    return run.accelerator.device.type == "cuda" and fused_adamw(run) is not None
-
-
-def guarded_step(run: Run, flag: torch.Tensor):
-    """The optimizer step unless `flag` says loss or gradients were non-finite."""
-    fused = fused_adamw(run)
-    try:
-        if guard_on_device(run):
-            fused.found_inf = (~flag).float()
-            stepper(run).step()
-            return flag  # read at the next settle_guard
-        finite = bool(flag.item())
-        if finite:
-            stepper(run).step()
-        return finite
-    finally:
-        if fused is not None:  # the inputs are this step's only
-            fused.grad_scale = fused.found_inf = None
-
-
-def needs_settling(run: Run, step: int, save_now: bool) -> bool:
-    """Flags left on the device are read at log points (which sync for the loss anyway), before
-    checkpoints, and often enough that nan_patience still stops a run in time."""
-    pending = run.pending
-    if all(isinstance(outcome, bool) for _, outcome in pending):
-        return True
-    every = run.recipe.log.every
-    return (
-        save_now
-        or step % every == 0
-        or step == run.recipe.train.steps
-        or len(pending) >= run.recipe.train.nan_patience
-    )
-
-
-def settle_guard(run: Run) -> None:
-    """Count the applied and skipped steps of the pending flags, in step order (one read)."""
-    if not run.pending:
-        return
-    steps = [step for step, _ in run.pending]
-    outcomes = [outcome for _, outcome in run.pending]
-    run.pending.clear()
-    if not all(isinstance(outcome, bool) for outcome in outcomes):
-        outcomes = torch.stack([torch.as_tensor(o).reshape(()) for o in outcomes]).tolist()
-    for step, finite in zip(steps, outcomes):
-        if finite:
-            run.stats["bad_steps"] = 0
-            run.state["applied"] = run.state.get("applied", step - 1) + 1
-        else:
-            run.stats["bad_steps"] += 1
-            check_non_finite(run, step, run.stats["bad_steps"])
-
-
-def check_non_finite(run: Run, step: int, bad_steps: int) -> None:
-    log.warning("step %d: non-finite loss or gradient; step skipped", step)
-    if bad_steps >= run.recipe.train.nan_patience:
-        raise TunerError(
-            f"{bad_steps} steps in a row had non-finite loss/gradients; stopped. "
-            "Lower train.lr, or use bf16 instead of fp16; the last good checkpoint "
-            f"is in {run.output_dir / 'checkpoints'}"
-        )
 
 
 def stop_text_encoder_training(run: Run, step: int) -> None:

@@ -155,7 +155,7 @@ def run_training(recipe: Recipe, *, count_flops: bool = False, around_steps=None
     optimizer = build_optimizer(parameter_groups(trained, family, recipe), recipe.train, device)
     scheduler = build_scheduler(optimizer, recipe.train)
     # Only the optimizer is prepared (mixed precision, grad scaler): the models are not wrapped
-    # in DDP; see loop.average_gradients.
+    # in DDP; see update.average_gradients.
     optimizer = accelerator.prepare(optimizer)
     apply_speed_switches(recipe, comps, device)
     run = Run(
